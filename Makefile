@@ -1,0 +1,36 @@
+# polyak: everything a fresh machine needs goes through these targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch goes in first and pinned: the machine then takes its local CPU build instead of a CUDA one.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[demo,dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m polyak demo
+
+test: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+bench: install
+	$(PY) -m pip install --quiet -e ".[bench]" "$(TORCH_PIN)"
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,271 @@
+"""Momentum schedules: pure functions of the 1-based update index.
+
+A schedule is any callable ``k -> momentum`` where ``k`` is the index of the update about to happen
+(1 for the first) and the momentum is the weight of the online model in that update::
+
+    ema_k = (1 - m_k) * ema_{k-1} + m_k * theta_k
+
+Because a schedule depends on nothing but ``k``, and ``k`` is saved in every ``state_dict``, a resumed run
+continues exactly where it stopped. Libraries that write ``decay = 1 - momentum`` (timm, diffusers,
+ema-pytorch, ``torch.optim.swa_utils``) describe the same update from the other side.
+
+Every function here validates its arguments and returns a small callable object with a readable ``repr``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Real
+
+__all__ = [
+    "Schedule",
+    "constant",
+    "gamma_from_sigma_rel",
+    "inverse_gamma",
+    "linear_warmup",
+    "power_function",
+    "sigma_rel_from_gamma",
+]
+
+Schedule = Callable[[int], float]
+"""Type of a schedule: the 1-based update index in, the momentum of that update out."""
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _check_momentum(name: str, value: object, *, closed: bool = False) -> float:
+    """``value`` in (0, 1), or in [0, 1] where ``closed``."""
+    value = _check_real(name, value)
+    ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0
+    if not ok:
+        interval = "[0, 1]" if closed else "(0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Constant:
+    momentum: float
+
+    def __call__(self, k: int) -> float:
+        return self.momentum
+
+
+def constant(momentum: float) -> Schedule:
+    """The same momentum for every update.
+
+    Args:
+        momentum: weight of the online model in each update, in (0, 1).
+
+    Example:
+        >>> from polyak.schedules import constant
+        >>> s = constant(0.001)
+        >>> s(1), s(10_000)
+        (0.001, 0.001)
+    """
+    return _Constant(_check_momentum("momentum", momentum))
+
+
+@dataclass(frozen=True)
+class _LinearWarmup:
+    momentum_warmup: float
+    momentum: float
+    warmup_iters: int
+
+    def __call__(self, k: int) -> float:
+        current = self.momentum_warmup + (self.momentum - self.momentum_warmup) * (k - 1) / max(
+            1, self.warmup_iters - 1
+        )
+        if self.momentum >= self.momentum_warmup:
+            return min(self.momentum, current)
+        return max(self.momentum, current)
+
+
+def linear_warmup(momentum_warmup: float, momentum: float, warmup_iters: int) -> Schedule:
+    """Linear warm-up from ``momentum_warmup`` to ``momentum`` over the first ``warmup_iters`` updates.
+
+    The warm-up of pytorch-ignite's ``EMAHandler``, computed as ignite computes it: at update ``k``::
+
+        m_k = m_w + (m - m_w) * (k - 1) / max(1, W - 1)
+
+    clamped so that it never passes ``m``: update 1 uses ``momentum_warmup``, update ``warmup_iters`` and
+    every later one use ``momentum``.
+
+    Args:
+        momentum_warmup: momentum of the first update, in [0, 1].
+        momentum: momentum after the warm-up, in (0, 1).
+        warmup_iters: number of updates the warm-up spans, >= 1.
+
+    Example:
+        >>> from polyak.schedules import linear_warmup
+        >>> s = linear_warmup(0.2, 0.002, warmup_iters=100)
+        >>> round(s(1), 6), round(s(50), 6), round(s(100), 6), round(s(1000), 6)
+        (0.2, 0.102, 0.002, 0.002)
+    """
+    return _LinearWarmup(
+        _check_momentum("momentum_warmup", momentum_warmup, closed=True),
+        _check_momentum("momentum", momentum),
+        _check_int("warmup_iters", warmup_iters, 1),
+    )
+
+
+@dataclass(frozen=True)
+class _InverseGamma:
+    gamma: float
+    power: float
+    max_decay: float
+    min_decay: float
+
+    def __call__(self, k: int) -> float:
+        t = k - 1
+        decay = 0.0 if t <= 0 else 1.0 - (1.0 + t / self.gamma) ** -self.power
+        return 1.0 - min(self.max_decay, max(self.min_decay, decay))
+
+
+def inverse_gamma(
+    gamma: float = 1.0, power: float = 2 / 3, max_decay: float = 0.9999, min_decay: float = 0.0
+) -> Schedule:
+    """The warm-up of timm, diffusers and ema-pytorch: the decay grows as an inverse power of the step.
+
+    With ``t = k - 1``::
+
+        decay_k = 0 if t <= 0 else 1 - (1 + t / gamma) ** -power
+        m_k = 1 - clamp(decay_k, min_decay, max_decay)
+
+    so the first update copies the online model (unless ``min_decay > 0``). ``gamma=1, power=2/3`` suits
+    runs of a million steps or more; ``power=3/4`` shorter ones (T. Karras' and @lucidrains' advice, as
+    quoted by ema-pytorch).
+
+    Args:
+        gamma: time scale of the warm-up, > 0.
+        power: exponent, > 0.
+        max_decay: largest decay, so smallest momentum is ``1 - max_decay``; in [0, 1].
+        min_decay: smallest decay; in [0, max_decay].
+
+    Example:
+        >>> from polyak.schedules import inverse_gamma
+        >>> s = inverse_gamma(gamma=1.0, power=3 / 4, max_decay=0.999)
+        >>> round(s(1), 6), round(s(2), 6), round(s(10_001), 6), round(s(10**7), 6)
+        (1.0, 0.594604, 0.001, 0.001)
+    """
+    gamma = _check_real("gamma", gamma)
+    power = _check_real("power", power)
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    if power <= 0:
+        raise ValueError(f"power must be > 0, got {power!r}")
+    max_decay = _check_momentum("max_decay", max_decay, closed=True)
+    min_decay = _check_momentum("min_decay", min_decay, closed=True)
+    if min_decay > max_decay:
+        raise ValueError(f"min_decay must be <= max_decay={max_decay!r}, got {min_decay!r}")
+    return _InverseGamma(gamma, power, max_decay, min_decay)
+
+
+@dataclass(frozen=True)
+class _PowerFunction:
+    gamma: float
+
+    def __call__(self, k: int) -> float:
+        return 1.0 - (1.0 - 1.0 / k) ** (self.gamma + 1.0)
+
+    @property
+    def sigma_rel(self) -> float:
+        return sigma_rel_from_gamma(self.gamma)
+
+
+_MAX_SIGMA_REL = 12**-0.5
+
+
+def sigma_rel_from_gamma(gamma: float) -> float:
+    """Relative standard deviation of a power-function EMA's averaging profile (EDM2, eq. 3).
+
+    ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``
+
+    Example:
+        >>> from polyak.schedules import sigma_rel_from_gamma
+        >>> round(sigma_rel_from_gamma(6.9372039376), 6)
+        0.1
+    """
+    gamma = _check_real("gamma", gamma)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def gamma_from_sigma_rel(sigma_rel: float) -> float:
+    """The exponent ``gamma`` of the power-function EMA with relative width ``sigma_rel`` (EDM2).
+
+    The largest real root of ``g**3 + 7 g**2 + (16 - T) g + (12 - T) = 0`` with ``T = sigma_rel**-2``;
+    defined for ``0 < sigma_rel < 1/sqrt(12)`` (the widest profile, gamma = 0, is the running mean).
+
+    Example:
+        >>> from polyak.schedules import gamma_from_sigma_rel
+        >>> round(gamma_from_sigma_rel(0.05), 10), round(gamma_from_sigma_rel(0.10), 10)
+        (16.9721986023, 6.9372039376)
+    """
+    sigma_rel = _check_real("sigma_rel", sigma_rel)
+    if not 0 < sigma_rel < _MAX_SIGMA_REL:
+        raise ValueError(f"sigma_rel must be in (0, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {sigma_rel!r}")
+    t = sigma_rel**-2
+    # The cubic is increasing past its largest root, and sigma_rel_from_gamma is decreasing in gamma:
+    # bisect between 0 (where the cubic is 12 - T < 0) and a bound where it is positive, then polish.
+    f = lambda g: ((g + 7.0) * g + (16.0 - t)) * g + (12.0 - t)  # noqa: E731
+    lo, hi = 0.0, max(1.0, math.sqrt(t))
+    while f(hi) <= 0:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if f(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-15 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+def power_function(gamma: float | None = None, sigma_rel: float | None = None) -> Schedule:
+    """The power-function EMA of EDM2 (Karras et al., arXiv 2312.02696): its average never forgets its start.
+
+    At update ``k``: ``beta_k = (1 - 1/k) ** (gamma + 1)`` and ``m_k = 1 - beta_k``. The first update copies
+    the online weights; ``gamma = 0`` is the plain running mean. The averaging profile has a relative width
+    ``sigma_rel`` that stays fixed as training goes on; give exactly one of ``gamma`` or ``sigma_rel``.
+
+    Args:
+        gamma: exponent of the profile, >= 0.
+        sigma_rel: relative width, in (0, 1/sqrt(12)); EDM2 uses 0.05 and 0.10.
+
+    Example:
+        >>> from polyak.schedules import power_function
+        >>> mean = power_function(gamma=0)
+        >>> mean(1), mean(2), mean(4)
+        (1.0, 0.5, 0.25)
+        >>> s = power_function(sigma_rel=0.10)
+        >>> round(s.gamma, 6), round(s(100), 6)
+        (6.937204, 0.076673)
+    """
+    if (gamma is None) == (sigma_rel is None):
+        raise ValueError(f"give exactly one of gamma or sigma_rel, got gamma={gamma!r}, sigma_rel={sigma_rel!r}")
+    if sigma_rel is not None:
+        return _PowerFunction(gamma_from_sigma_rel(sigma_rel))
+    gamma = _check_real("gamma", gamma)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+    return _PowerFunction(gamma)
