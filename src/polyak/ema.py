@@ -53,7 +53,7 @@ def _set_tensor(module: nn.Module, name: str, tensor: Tensor, is_param: bool) ->
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     if is_param:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        owner._parameters[leaf] = tensor  # type: ignore[assignment]
     else:
         owner._buffers[leaf] = tensor
 
