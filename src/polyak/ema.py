@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from polyak.schedules import Schedule, _check_momentum, constant
+from polyak.schedules import Schedule, _check_int, _check_momentum, constant
 
 __all__ = ["EMA"]
 
 HANDLE_BUFFERS = ("copy", "update", "ema_train")
 _DEFAULT_MOMENTUM = 0.0002
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -28,15 +32,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Group:
-    """Tensors of one (device, dtype): the EMA side are views into ``storage``, paired by position."""
+    """The tensors of one (device, dtype) of the online model, and everything their update needs.
 
-    device: torch.device
-    dtype: torch.dtype
+    ``storage`` holds the EMA model's tensors of this group (averaged ones first, as one span). The average
+    is accumulated in ``acc``: that span itself, or a separate ``master`` in a wider dtype. ``staging``
+    receives the online values first where they must change dtype or device before the fused ``lerp_``.
+    """
+
     storage: Tensor
     lerp_ema: list[Tensor] = field(default_factory=list)
     lerp_online: list[Tensor] = field(default_factory=list)
+    lerp_names: list[str] = field(default_factory=list)
     copy_ema: list[Tensor] = field(default_factory=list)
     copy_online: list[Tensor] = field(default_factory=list)
+    acc: Tensor | None = None  # flat accumulator of the averaged span
+    master: Tensor | None = None  # set when acc is not the EMA model's own storage
+    staging: Tensor | None = None
+    staging_views: list[Tensor] = field(default_factory=list)
+    rounding: Tensor | None = None  # float32 work buffer of stochastic rounding
+    wait_for: torch.device | None = None  # a CUDA device whose copies must land before the CPU reads them
+
+    @property
+    def span(self) -> Tensor:
+        return self.storage[: self.acc.numel()] if self.acc is not None else self.storage[:0]
 
 
 def _named_tensors(module: nn.Module) -> OrderedDict[str, tuple[Tensor, bool]]:
@@ -68,6 +86,14 @@ def _aliases(module: nn.Module) -> dict[int, list[tuple[str, bool]]]:
     return names
 
 
+def _split_views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return views
+
+
 class EMA:
     r"""Exponential moving average of a model's weights, for any training loop.
 
@@ -92,14 +118,32 @@ class EMA:
             ``"copy"`` copies the online model's values into the EMA model's own tensors; ``"update"``
             averages floating buffers like parameters and copies integer ones; ``"ema_train"`` leaves the
             buffers alone and puts the EMA model in train mode. Otherwise the EMA model is in eval mode.
+        dtype: the dtype the average is accumulated in. By default float16 and bfloat16 tensors are
+            averaged in a float32 *master* (in their own dtype, an update of momentum 2e-4 is smaller than
+            half a unit in the last place and rounds away: the EMA never moves), other dtypes in their own.
+            ``dtype=torch.bfloat16`` keeps a bf16 model's EMA in bf16 to save memory (then consider
+            ``stochastic_rounding``). :attr:`ema_model` always keeps the online model's dtypes; it is
+            refreshed from the master after each update.
+        stochastic_rounding: round each update of a bfloat16 average stochastically (unbiased), so that
+            small updates move it on average instead of rounding away. Needs a bfloat16 accumulator.
+        seed: seed of the private generator of stochastic rounding; the same on every rank, so all ranks
+            round alike.
+        per_step: the momentum is meant per optimizer step. ``update(steps=n)`` after ``n`` steps then
+            uses ``1 - (1 - m) ** n``, so updating every few steps tracks the every-step EMA.
+        skip_nonfinite: skip (and count in :attr:`num_skipped`) an update whose online values hold NaN or
+            Inf, warning once, so that one diverged step cannot poison the EMA. Costs a reduction over the
+            online tensors and a host synchronisation per update.
+        device: keep the EMA on this device (e.g. ``"cpu"`` for a model on a GPU, to save GPU memory);
+            the online values are staged through pinned memory with non-blocking copies.
 
     Attributes:
-        ema_model: the averaged model, on the online model's device.
+        ema_model: the averaged model, on the online model's device (or ``device``).
         model: the online model (``model.module`` for ``DistributedDataParallel``).
         momentum: the momentum given (the schedule decides the momentum of each update).
         schedule: the schedule in use.
         handle_buffers: as given.
         num_updates: how many updates have been made; saved in :meth:`state_dict`.
+        num_skipped: how many updates ``skip_nonfinite`` skipped; saved in :meth:`state_dict`.
 
     Example:
         >>> import torch
@@ -126,6 +170,12 @@ class EMA:
         *,
         schedule: Schedule | None = None,
         handle_buffers: str = "copy",
+        dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        per_step: bool = False,
+        skip_nonfinite: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}: {model!r}")
@@ -142,6 +192,18 @@ class EMA:
             raise ValueError(
                 f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {handle_buffers!r}"
             )
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if stochastic_rounding and dtype != torch.bfloat16:
+            raise ValueError(
+                f"stochastic_rounding needs a bfloat16 average: pass dtype=torch.bfloat16, got dtype={dtype!r}"
+            )
+        seed = _check_int("seed", seed, 0)
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device must name a torch device, got {device!r}") from e
 
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -149,55 +211,70 @@ class EMA:
         self.momentum = momentum
         self.schedule: Schedule = schedule if schedule is not None else constant(momentum)
         self.handle_buffers = handle_buffers
+        self.dtype = dtype
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.per_step = bool(per_step)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.device = device
         self.num_updates = 0
+        self.num_skipped = 0
+        self._generator: torch.Generator | None = None
+        self._seed = seed
 
         try:
             self.ema_model = copy.deepcopy(model)
-        except Exception as e:  # a module that refuses deepcopy says why; say what to do about it
+        except Exception as e:  # a module that refuses deepcopy says why; say what it was for
             raise TypeError(f"could not deep-copy model of type {type(model).__name__} for the EMA: {e}") from e
         self.ema_model.requires_grad_(False)
         self.ema_model.train(handle_buffers == "ema_train")
         self._groups = self._build_groups()
+        if any(g.master is not None for g in self._groups):
+            # Whoever loads weights into ema_model directly (ignite's to_load={"ema_model": ...}) must not
+            # have them overwritten from a stale master at the next update.
+            unwrap_model(self.ema_model).register_load_state_dict_post_hook(
+                lambda module, incompatible: self._master_from_model()
+            )
 
     # -- construction -------------------------------------------------------------------------------
+    def _accumulator_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float32 if dtype in _LOW_PRECISION else dtype
+
     def _build_groups(self) -> list[_Group]:
-        """Pair tensors by name, put the EMA model's into one buffer per (device, dtype), build the lists."""
+        """Pair tensors by name, put the EMA model's into one buffer per group, build the lists."""
         online = _named_tensors(unwrap_model(self.model))
         ema_module = unwrap_model(self.ema_model)
         ema = _named_tensors(ema_module)
         if list(online) != list(ema):
             missing = sorted(set(online) - set(ema))
             extra = sorted(set(ema) - set(online))
-            raise ValueError(
-                f"ema_model's tensors do not match the model's: missing {missing}, unexpected {extra}"
-            )
+            raise ValueError(f"ema_model's tensors do not match the model's: missing {missing}, unexpected {extra}")
 
         # role of each tensor: "lerp" (averaged), "copy" (copied at each update) or None (left alone)
         roles: dict[str, str | None] = {}
         for name, (t, is_param) in ema.items():
             if not is_param and self.handle_buffers == "ema_train":
                 roles[name] = None
-            elif t.is_floating_point() or t.is_complex():
+            elif t.is_floating_point():
                 roles[name] = "lerp" if is_param or self.handle_buffers == "update" else "copy"
             else:  # integer tensors (num_batches_tracked, ...) are copied, never averaged
                 roles[name] = "copy"
 
         keyed: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-        for name, (t, _) in ema.items():
+        for name, (t, _) in online.items():
             keyed.setdefault((t.device, t.dtype), []).append(name)
 
         aliases = _aliases(ema_module)
         groups = []
-        for (device, dtype), names in keyed.items():
+        for (online_device, dtype), names in keyed.items():
+            device = self.device or online_device
             # averaged tensors first, then copied ones: each kind is one contiguous span of the buffer
             names.sort(key=lambda n: {"lerp": 0, "copy": 1, None: 2}[roles[n]])
             storage = torch.empty(sum(ema[n][0].numel() for n in names), device=device, dtype=dtype)
-            group = _Group(device, dtype, storage)
-            offset = 0
-            for name in names:
+            group = _Group(storage)
+            for name, view in zip(names, _split_views(storage, [ema[n][0] for n in names]), strict=True):
                 old, is_param = ema[name]
-                view = storage[offset : offset + old.numel()].view(old.shape)
-                offset += old.numel()
                 view.copy_(old)
                 new = nn.Parameter(view, requires_grad=False) if is_param else view
                 for alias, alias_is_param in aliases[id(old)]:
@@ -205,80 +282,295 @@ class EMA:
                 if roles[name] == "lerp":
                     group.lerp_ema.append(new)
                     group.lerp_online.append(online[name][0])
+                    group.lerp_names.append(name)
                 elif roles[name] == "copy":
                     group.copy_ema.append(new)
                     group.copy_online.append(online[name][0])
+            self._prepare_accumulator(group, online_device)
             groups.append(group)
+        if self.stochastic_rounding:
+            self._generator = torch.Generator(device=groups[0].storage.device if groups else "cpu")
+            self._generator.manual_seed(self._seed)
         return groups
+
+    def _prepare_accumulator(self, g: _Group, online_device: torch.device) -> None:
+        if not g.lerp_ema:
+            return
+        n = sum(t.numel() for t in g.lerp_ema)
+        dtype, device = g.storage.dtype, g.storage.device
+        acc_dtype = self._accumulator_dtype(dtype)
+        span = g.storage[:n]
+        if acc_dtype == dtype:
+            g.acc = span
+        else:
+            g.master = g.acc = span.to(acc_dtype, copy=True)
+        work_dtype = torch.float32 if self.stochastic_rounding else acc_dtype
+        if work_dtype != dtype or device != online_device or self.stochastic_rounding:
+            pin = device.type == "cpu" and online_device.type == "cuda"
+            g.staging = torch.empty(n, dtype=work_dtype, device=device, pin_memory=pin)
+            g.staging_views = _split_views(g.staging, g.lerp_ema)
+            if pin:
+                g.wait_for = online_device
+        if self.stochastic_rounding:
+            g.rounding = torch.empty(n, dtype=torch.float32, device=device)
+
+    def _master_from_model(self) -> None:
+        for g in self._groups:
+            if g.master is not None:
+                g.master.copy_(g.span)
 
     # -- the update ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self) -> float:
+    def update(self, steps: int = 1) -> float:
         """Fold the online model's current weights into the EMA; returns the momentum used.
 
         Call it after ``optimizer.step()``. The momentum is ``schedule(num_updates + 1)``.
+
+        Args:
+            steps: optimizer steps since the last update, with ``per_step=True``: the momentum used is
+                then ``1 - (1 - m) ** steps``.
+
+        Returns:
+            The momentum used (0.0 for an update that ``skip_nonfinite`` skipped).
         """
+        if steps != 1:
+            if not self.per_step:
+                raise ValueError(f"steps={steps!r} needs per_step=True: without it each update is one step")
+            _check_int("steps", steps, 1)
         k = self.num_updates + 1
         m = float(self.schedule(k))
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
+        if steps != 1:
+            m = 1.0 - (1.0 - m) ** steps
         for g in self._groups:
-            if g.lerp_ema:
-                torch._foreach_lerp_(g.lerp_ema, g.lerp_online, m)
+            if g.staging is not None:
+                torch._foreach_copy_(g.staging_views, g.lerp_online, non_blocking=g.wait_for is not None)
+                if g.wait_for is not None:
+                    torch.cuda.current_stream(g.wait_for).synchronize()
+        if self.skip_nonfinite and not self._online_is_finite():
+            self.num_skipped += 1
+            if self.num_skipped == 1:
+                warnings.warn(
+                    f"skipped EMA update {k}: the online model holds NaN or Inf (counted in EMA.num_skipped; "
+                    "this warning is shown once)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return 0.0
+        for g in self._groups:
+            if g.acc is not None:
+                if g.rounding is not None:
+                    self._lerp_stochastic(g, m)
+                elif g.staging is not None:
+                    g.acc.lerp_(g.staging, m)
+                else:
+                    torch._foreach_lerp_(g.lerp_ema, g.lerp_online, m)
+                if g.master is not None:
+                    g.span.copy_(g.master)
             if g.copy_ema:
                 torch._foreach_copy_(g.copy_ema, g.copy_online)
         self.num_updates = k
         return m
 
+    def _lerp_stochastic(self, g: _Group, m: float) -> None:
+        """``acc <- lerp(acc, staging, m)`` computed in float32, rounded to bfloat16 stochastically."""
+        assert g.acc is not None and g.staging is not None and g.rounding is not None
+        g.rounding.copy_(g.acc).lerp_(g.staging, m)
+        # Adding uniform random bits below bfloat16's last place and truncating rounds up with
+        # probability equal to the distance to the lower neighbour: unbiased.
+        noise = g.staging.view(torch.int32)
+        torch.randint(0, 1 << 16, noise.shape, out=noise, generator=self._generator)
+        bits = g.rounding.view(torch.int32)
+        bits.add_(noise).bitwise_and_(-65536)
+        g.acc.copy_(g.rounding)
+
+    def _online_is_finite(self) -> bool:
+        worst = []
+        for g in self._groups:
+            if g.staging is not None:
+                worst.append(torch.linalg.vector_norm(g.staging, ord=float("inf")).to("cpu", torch.float32))
+            elif g.lerp_online:
+                norms = torch._foreach_norm(g.lerp_online, ord=float("inf"))
+                worst.append(torch.stack(norms).max().to("cpu", torch.float32))
+        return not worst or bool(torch.stack(worst).isfinite().all())
+
     def momentum_at(self, k: int) -> float:
         """The momentum of update ``k`` (1-based) under this EMA's schedule."""
         return float(self.schedule(k))
 
+    # -- using the average --------------------------------------------------------------------------
+    def _pairs(self) -> Iterator[tuple[Tensor, Tensor]]:
+        online = _named_tensors(unwrap_model(self.model))
+        ema = _named_tensors(unwrap_model(self.ema_model))
+        for name, (t, _) in online.items():
+            yield t, ema[name][0]
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped(self) -> Iterator[nn.Module]:
+        """Inside the block, the online model holds the EMA's weights (and buffers); yields the online model.
+
+        The way to evaluate a model too large for a second copy on its device, or one sharded by FSDP: no
+        extra model is built. The values trade places, so inside the block :attr:`ema_model` holds the online
+        weights; on exit, also when the block raises, both are back bit for bit.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from polyak import EMA
+            >>> model = nn.Linear(2, 1)
+            >>> ema = EMA(model, momentum=0.5)
+            >>> with torch.no_grad():
+            ...     _ = model.weight.add_(1.0)
+            >>> _ = ema.update()
+            >>> online, average = model.weight.clone(), ema.ema_model.weight.clone()
+            >>> with ema.swapped() as m:
+            ...     torch.equal(m.weight, average)
+            True
+            >>> torch.equal(model.weight, online), torch.equal(ema.ema_model.weight, average)
+            (True, True)
+        """
+        pairs = list(self._pairs())
+        for online, ema in pairs:
+            _swap(online, ema)
+        try:
+            yield self.model
+        finally:
+            for online, ema in pairs:
+                _swap(online, ema)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Copy the EMA's weights and buffers into ``module`` (a model of the same architecture).
+
+        Example:
+            >>> from torch import nn
+            >>> from polyak import EMA
+            >>> ema = EMA(nn.Linear(2, 1))
+            >>> target = nn.Linear(2, 1)
+            >>> ema.copy_to(target)
+            >>> bool((target.weight == ema.ema_model.weight).all())
+            True
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        unwrap_model(module).load_state_dict(unwrap_model(self.ema_model).state_dict())
+
+    def hook(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Update the EMA after every ``optimizer.step()``; returns a handle whose ``remove()`` undoes it.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from polyak import EMA
+            >>> model = nn.Linear(2, 1)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> ema = EMA(model, momentum=0.01)
+            >>> handle = ema.hook(optimizer)
+            >>> model(torch.ones(1, 2)).sum().backward()
+            >>> optimizer.step()
+            >>> ema.num_updates
+            1
+            >>> handle.remove()
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.update())
+
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """All that resuming needs: the EMA tensors and the update count.
+        """All that resuming needs: the EMA tensors, the float32 masters if any, and the counts.
 
         Holds only tensors and plain values, so it loads with ``torch.load(..., weights_only=True)``. The
         tensors are the live ones (like ``nn.Module.state_dict``); the schedule is a pure function of the
         count and is not saved.
         """
-        return {"num_updates": self.num_updates, "ema_model": unwrap_model(self.ema_model).state_dict()}
+        state: dict[str, Any] = {
+            "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
+            "ema_model": unwrap_model(self.ema_model).state_dict(),
+        }
+        masters = {
+            name: view
+            for g in self._groups
+            if g.master is not None
+            for name, view in zip(g.lerp_names, _split_views(g.master, g.lerp_ema), strict=True)
+        }
+        if masters:
+            state["master"] = masters
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`. Everything is checked before anything is changed."""
+        """Restore from :meth:`state_dict`. Everything is checked before anything is changed.
+
+        A state without masters (saved by an EMA kept in the model's dtype) loads too: the masters are then
+        taken from its weights.
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         missing = {"num_updates", "ema_model"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict lacks {sorted(missing)}; it has {sorted(state_dict)}")
-        num_updates = state_dict["num_updates"]
-        if isinstance(num_updates, Tensor) and num_updates.numel() == 1 and not num_updates.is_floating_point():
-            num_updates = int(num_updates)
-        if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 0:
-            raise ValueError(f"state_dict['num_updates'] must be an int >= 0, got {num_updates!r}")
-        tensors = state_dict["ema_model"]
-        if not isinstance(tensors, Mapping):
-            raise TypeError(f"state_dict['ema_model'] must be a mapping, got {type(tensors).__name__}")
+        counts = {key: _plain_count(state_dict, key) for key in ("num_updates", "num_skipped") if key in state_dict}
         module = unwrap_model(self.ema_model)
-        own = module.state_dict()
-        if set(tensors) != set(own):
-            raise ValueError(
-                "state_dict['ema_model'] does not match the EMA model: missing "
-                f"{sorted(set(own) - set(tensors))}, unexpected {sorted(set(tensors) - set(own))}"
-            )
-        for name, t in tensors.items():
-            if not isinstance(t, Tensor) or t.shape != own[name].shape:
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(
-                    f"state_dict['ema_model'][{name!r}] must be a tensor of shape {tuple(own[name].shape)}, "
-                    f"got {got}"
-                )
-        module.load_state_dict(tensors)  # copies into the existing (flat) storage
-        self.num_updates = num_updates
+        _check_tensors("state_dict['ema_model']", state_dict["ema_model"], module.state_dict())
+        masters = state_dict.get("master")
+        if masters is not None:
+            _check_tensors("state_dict['master']", masters, self.state_dict().get("master", {}))
+        generator = state_dict.get("generator")
+        if generator is not None and not isinstance(generator, Tensor):
+            raise TypeError(f"state_dict['generator'] must be a tensor, got {type(generator).__name__}")
+
+        module.load_state_dict(state_dict["ema_model"])  # copies into the flat storage; re-syncs masters
+        if masters is not None:
+            with torch.no_grad():
+                own = self.state_dict()["master"]
+                for name, t in masters.items():
+                    own[name].copy_(t)
+        if generator is not None and self._generator is not None:
+            self._generator.set_state(generator)
+        self.num_updates = counts["num_updates"]
+        self.num_skipped = counts.get("num_skipped", 0)
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{g.dtype}@{g.device}: {g.storage.numel()}" for g in self._groups)
+        sizes = ", ".join(
+            f"{g.storage.dtype}@{g.storage.device}: {g.storage.numel()}"
+            + (f" (master {g.master.dtype})" if g.master is not None else "")
+            for g in self._groups
+        )
         return (
             f"{type(self).__name__}(schedule={self.schedule!r}, handle_buffers={self.handle_buffers!r}, "
             f"num_updates={self.num_updates}, groups=[{sizes}])"
         )
+
+
+def _swap(a: Tensor, b: Tensor) -> None:
+    tmp = a.clone()
+    a.copy_(b)
+    b.copy_(tmp)
+
+
+def _plain_count(state_dict: Mapping[str, Any], key: str) -> int:
+    value = state_dict[key]
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+    return value
+
+
+def _check_tensors(what: str, tensors: object, own: Mapping[str, Tensor]) -> None:
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{what} must be a mapping, got {type(tensors).__name__}")
+    if set(tensors) != set(own):
+        raise ValueError(
+            f"{what} does not match the EMA model: missing {sorted(set(own) - set(tensors))}, "
+            f"unexpected {sorted(set(tensors) - set(own))}"
+        )
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or t.shape != own[name].shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{what}[{name!r}] must be a tensor of shape {tuple(own[name].shape)}, got {got}")
