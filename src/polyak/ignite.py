@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList, State
 from ignite.engine.events import RemovableEventHandle
 from torch import nn
@@ -49,6 +51,11 @@ class EMAHandler:
             model in train mode and leaves its buffers alone.
         schedule: keyword-only; any callable ``k -> momentum`` of the 1-based update index (see
             :mod:`polyak.schedules`), instead of ``momentum``/``momentum_warmup``/``warmup_iters``.
+        dtype, stochastic_rounding, seed, skip_nonfinite, device: keyword-only; passed to
+            :class:`~polyak.EMA` (float32 masters for low-precision models by default, and so on).
+        per_step: keyword-only; the momentum is meant per iteration: an update after ``n`` iterations
+            (``Events.ITERATION_COMPLETED(every=n)``) uses ``1 - (1 - m) ** n``. The handler counts the
+            iterations between its updates itself.
 
     Attributes:
         ema_model: the averaged model, in eval mode unless ``handle_buffers="ema_train"``, on the online
@@ -96,6 +103,12 @@ class EMAHandler:
         handle_buffers: str = "copy",
         *,
         schedule: Schedule | None = None,
+        dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        per_step: bool = False,
+        skip_nonfinite: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         try:
             momentum = _check_momentum("momentum", momentum)
@@ -126,7 +139,19 @@ class EMAHandler:
         else:
             schedule = constant(momentum)
 
-        self.ema = EMA(model, schedule=schedule, handle_buffers=handle_buffers)
+        self.ema = EMA(
+            model,
+            schedule=schedule,
+            handle_buffers=handle_buffers,
+            dtype=dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+            per_step=per_step,
+            skip_nonfinite=skip_nonfinite,
+            device=device,
+        )
+        # engine.state.iteration at the last update, for per_step; saved, so a resumed run counts on
+        self._last_iteration: int | None = None
         self.momentum = momentum
         self.momentum_warmup = momentum_warmup
         self.warmup_iters = warmup_iters
@@ -192,18 +217,44 @@ class EMAHandler:
                 )
         else:
             setattr(engine.state, name, self.ema.momentum_at(self.ema.num_updates + 1))
+        if self.ema.per_step and not engine.has_event_handler(self._start_counting, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self._start_counting)
         return engine.add_event_handler(event, self._update, name)
 
+    def _start_counting(self, engine: Engine) -> None:
+        if self._last_iteration is None:
+            self._last_iteration = engine.state.iteration
+
     def _update(self, engine: Engine, name: str) -> None:
-        setattr(engine.state, name, self.ema.update())
+        if self.ema.per_step:
+            steps = engine.state.iteration - (self._last_iteration or 0)
+            self._last_iteration = engine.state.iteration
+            if steps < 1:  # an event that fired again within the same iteration
+                return
+            setattr(engine.state, name, self.ema.update(steps=steps))
+        else:
+            setattr(engine.state, name, self.ema.update())
+
+    def swapped(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """Evaluate with the EMA weights in the online model itself; see :meth:`polyak.EMA.swapped`."""
+        return self.ema.swapped()
 
     def state_dict(self) -> dict[str, Any]:
         """The EMA weights and the update count, as in :meth:`polyak.EMA.state_dict`."""
-        return self.ema.state_dict()
+        state = self.ema.state_dict()
+        if self._last_iteration is not None:
+            state["last_iteration"] = self._last_iteration
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`; the warm-up continues where it stopped."""
-        self.ema.load_state_dict(state_dict)
+        state = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        last = state.pop("last_iteration", None) if isinstance(state, dict) else None
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+            raise ValueError(f"state_dict['last_iteration'] must be an int >= 0, got {last!r}")
+        self.ema.load_state_dict(state)
+        if last is not None:
+            self._last_iteration = last
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.ema!r})"
