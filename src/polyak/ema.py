@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class _Group:
     """
 
     storage: Tensor
+    online_device: torch.device
     lerp_ema: list[Tensor] = field(default_factory=list)
     lerp_online: list[Tensor] = field(default_factory=list)
     lerp_names: list[str] = field(default_factory=list)
@@ -51,6 +53,8 @@ class _Group:
     staging_views: list[Tensor] = field(default_factory=list)
     rounding: Tensor | None = None  # float32 work buffer of stochastic rounding
     wait_for: torch.device | None = None  # a CUDA device whose copies must land before the CPU reads them
+    online_flat: Tensor | None = None  # flat mode: the online tensors of lerp_online are views into it
+    online_ptrs: list[int] = field(default_factory=list)  # flat mode: where they must still point
 
     @property
     def span(self) -> Tensor:
@@ -135,6 +139,12 @@ class EMA:
             online tensors and a host synchronisation per update.
         device: keep the EMA on this device (e.g. ``"cpu"`` for a model on a GPU, to save GPU memory);
             the online values are staged through pinned memory with non-blocking copies.
+        flat: make the online model's averaged tensors views into one contiguous buffer per group too, so
+            that an update is a single ``lerp_`` per group however many tensors the model has. The
+            parameters stay the same objects (an optimizer built before or after keeps working). If
+            something re-allocates them later (``model.to()``, ``model.half()``,
+            ``load_state_dict(assign=True)``), the next update notices: it re-flattens, or raises where
+            the dtypes or devices changed.
 
     Attributes:
         ema_model: the averaged model, on the online model's device (or ``device``).
@@ -176,6 +186,7 @@ class EMA:
         per_step: bool = False,
         skip_nonfinite: bool = False,
         device: torch.device | str | None = None,
+        flat: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}: {model!r}")
@@ -216,6 +227,7 @@ class EMA:
         self.per_step = bool(per_step)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.device = device
+        self.flat = bool(flat)
         self.num_updates = 0
         self.num_skipped = 0
         self._generator: torch.Generator | None = None
@@ -228,6 +240,8 @@ class EMA:
         self.ema_model.requires_grad_(False)
         self.ema_model.train(handle_buffers == "ema_train")
         self._groups = self._build_groups()
+        self._stale = False
+        _watch(self)
         if any(g.master is not None for g in self._groups):
             # Whoever loads weights into ema_model directly (ignite's to_load={"ema_model": ...}) must not
             # have them overwritten from a stale master at the next update.
@@ -272,7 +286,7 @@ class EMA:
             # averaged tensors first, then copied ones: each kind is one contiguous span of the buffer
             names.sort(key=lambda n: {"lerp": 0, "copy": 1, None: 2}[roles[n]])
             storage = torch.empty(sum(ema[n][0].numel() for n in names), device=device, dtype=dtype)
-            group = _Group(storage)
+            group = _Group(storage, online_device)
             for name, view in zip(names, _split_views(storage, [ema[n][0] for n in names]), strict=True):
                 old, is_param = ema[name]
                 view.copy_(old)
@@ -287,6 +301,8 @@ class EMA:
                     group.copy_ema.append(new)
                     group.copy_online.append(online[name][0])
             self._prepare_accumulator(group, online_device)
+            if self.flat:
+                _flatten_online(group)
             groups.append(group)
         if self.stochastic_rounding:
             self._generator = torch.Generator(device=groups[0].storage.device if groups else "cpu")
@@ -313,6 +329,31 @@ class EMA:
                 g.wait_for = online_device
         if self.stochastic_rounding:
             g.rounding = torch.empty(n, dtype=torch.float32, device=device)
+
+    def _refresh_online(self) -> None:
+        """Pair again with the online model's current tensors, after something re-registered or moved them."""
+        online = _named_tensors(unwrap_model(self.model))
+        for g in self._groups:
+            current = []
+            for name, ema_t in zip(g.lerp_names, g.lerp_ema, strict=True):
+                t = online.get(name, (None,))[0]
+                if t is None or t.shape != ema_t.shape or t.dtype != ema_t.dtype or t.device != g.online_device:
+                    got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                    raise RuntimeError(
+                        f"the model's tensor {name!r} changed from {ema_t.dtype} {tuple(ema_t.shape)} on "
+                        f"{g.online_device} "
+                        f"to {got} after the EMA was built (model.to(), .half(), load_state_dict(assign=True)?): "
+                        "build a new EMA for the converted model, or convert the model back"
+                    )
+                current.append(t)
+            g.lerp_online = current
+            if g.online_flat is not None:
+                _flatten_online(g)
+        ema = _named_tensors(unwrap_model(self.ema_model))
+        by_ema = {id(t): name for name, (t, _) in ema.items()}
+        for g in self._groups:
+            g.copy_online = [online[by_ema[id(e)]][0] for e in g.copy_ema]
+        self._stale = False
 
     def _master_from_model(self) -> None:
         for g in self._groups:
@@ -343,9 +384,16 @@ class EMA:
             raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
         if steps != 1:
             m = 1.0 - (1.0 - m) ** steps
+        if self._stale:
+            self._refresh_online()
         for g in self._groups:
+            if g.online_flat is not None and list(map(Tensor.data_ptr, g.lerp_online)) != g.online_ptrs:
+                self._refresh_online()
             if g.staging is not None:
-                torch._foreach_copy_(g.staging_views, g.lerp_online, non_blocking=g.wait_for is not None)
+                if g.online_flat is not None:
+                    g.staging.copy_(g.online_flat, non_blocking=g.wait_for is not None)
+                else:
+                    torch._foreach_copy_(g.staging_views, g.lerp_online, non_blocking=g.wait_for is not None)
                 if g.wait_for is not None:
                     torch.cuda.current_stream(g.wait_for).synchronize()
         if self.skip_nonfinite and not self._online_is_finite():
@@ -358,18 +406,24 @@ class EMA:
                     stacklevel=2,
                 )
             return 0.0
-        for g in self._groups:
-            if g.acc is not None:
-                if g.rounding is not None:
-                    self._lerp_stochastic(g, m)
-                elif g.staging is not None:
-                    g.acc.lerp_(g.staging, m)
-                else:
-                    torch._foreach_lerp_(g.lerp_ema, g.lerp_online, m)
-                if g.master is not None:
-                    g.span.copy_(g.master)
-            if g.copy_ema:
-                torch._foreach_copy_(g.copy_ema, g.copy_online)
+        try:
+            for g in self._groups:
+                if g.acc is not None:
+                    if g.rounding is not None:
+                        self._lerp_stochastic(g, m)
+                    elif g.staging is not None:
+                        g.acc.lerp_(g.staging, m)
+                    elif g.online_flat is not None:
+                        g.acc.lerp_(g.online_flat, m)
+                    else:
+                        torch._foreach_lerp_(g.lerp_ema, g.lerp_online, m)
+                    if g.master is not None:
+                        g.span.copy_(g.master)
+                if g.copy_ema:
+                    torch._foreach_copy_(g.copy_ema, g.copy_online)
+        except RuntimeError:
+            self._refresh_online()  # says clearly which tensor changed dtype or device, if one did
+            raise
         self.num_updates = k
         return m
 
@@ -388,8 +442,9 @@ class EMA:
     def _online_is_finite(self) -> bool:
         worst = []
         for g in self._groups:
-            if g.staging is not None:
-                worst.append(torch.linalg.vector_norm(g.staging, ord=float("inf")).to("cpu", torch.float32))
+            flat = g.staging if g.staging is not None else g.online_flat
+            if flat is not None:
+                worst.append(torch.linalg.vector_norm(flat, ord=float("inf")).to("cpu", torch.float32))
             elif g.lerp_online:
                 norms = torch._foreach_norm(g.lerp_online, ord=float("inf"))
                 worst.append(torch.stack(norms).max().to("cpu", torch.float32))
@@ -545,6 +600,39 @@ class EMA:
             f"{type(self).__name__}(schedule={self.schedule!r}, handle_buffers={self.handle_buffers!r}, "
             f"num_updates={self.num_updates}, groups=[{sizes}])"
         )
+
+
+def _flatten_online(g: _Group) -> None:
+    """Make the online tensors of ``g.lerp_online`` views into one new buffer, keeping their objects."""
+    if not g.lerp_online:
+        return
+    first = g.lerp_online[0]
+    g.online_flat = torch.empty(sum(t.numel() for t in g.lerp_online), dtype=first.dtype, device=first.device)
+    with torch.no_grad():
+        for t, view in zip(g.lerp_online, _split_views(g.online_flat, g.lerp_online), strict=True):
+            view.copy_(t)
+            t.data = view  # the same Parameter object, now backed by the flat buffer
+    g.online_ptrs = list(map(Tensor.data_ptr, g.lerp_online))
+
+
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[EMA]] = weakref.WeakKeyDictionary()
+_HOOKS: list[RemovableHandle] = []
+
+
+def _on_registration(module: nn.Module, name: str, tensor: object) -> None:
+    for ema in _WATCHED.get(module, ()):
+        ema._stale = True
+
+
+def _watch(ema: EMA) -> None:
+    """Note when a tensor of the online model is registered anew (``load_state_dict(assign=True)``...)."""
+    if not _HOOKS:
+        from torch.nn.modules import module as module_mod
+
+        _HOOKS.append(module_mod.register_module_parameter_registration_hook(_on_registration))
+        _HOOKS.append(module_mod.register_module_buffer_registration_hook(_on_registration))
+    for sub in unwrap_model(ema.model).modules():
+        _WATCHED.setdefault(sub, weakref.WeakSet()).add(ema)
 
 
 def _swap(a: Tensor, b: Tensor) -> None:

@@ -51,7 +51,7 @@ class EMAHandler:
             model in train mode and leaves its buffers alone.
         schedule: keyword-only; any callable ``k -> momentum`` of the 1-based update index (see
             :mod:`polyak.schedules`), instead of ``momentum``/``momentum_warmup``/``warmup_iters``.
-        dtype, stochastic_rounding, seed, skip_nonfinite, device: keyword-only; passed to
+        dtype, stochastic_rounding, seed, skip_nonfinite, device, flat: keyword-only; passed to
             :class:`~polyak.EMA` (float32 masters for low-precision models by default, and so on).
         per_step: keyword-only; the momentum is meant per iteration: an update after ``n`` iterations
             (``Events.ITERATION_COMPLETED(every=n)``) uses ``1 - (1 - m) ** n``. The handler counts the
@@ -109,6 +109,7 @@ class EMAHandler:
         per_step: bool = False,
         skip_nonfinite: bool = False,
         device: torch.device | str | None = None,
+        flat: bool = False,
     ) -> None:
         try:
             momentum = _check_momentum("momentum", momentum)
@@ -149,6 +150,7 @@ class EMAHandler:
             per_step=per_step,
             skip_nonfinite=skip_nonfinite,
             device=device,
+            flat=flat,
         )
         # engine.state.iteration at the last update, for per_step; saved, so a resumed run counts on
         self._last_iteration: int | None = None

@@ -1,0 +1,177 @@
+"""Command line of polyak: ``python -m polyak COMMAND [options]`` (or the ``polyak`` script).
+
+Commands:
+    demo    train a small CNN on scikit-learn's digits with an EMA of its weights (see :mod:`polyak.demo`)
+
+``python -m polyak COMMAND --help`` lists a command's options. Each command is one ``_add_<command>``
+function that registers its sub-parser and sets ``func``, the function that runs it and returns the exit
+status; adding a command is adding such a function to ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from polyak import __version__
+
+__all__ = ["build_parser", "main"]
+
+_N = TypeVar("_N", int, float)
+
+
+# -- argument types: bad values fail at parse time with argparse's usual message --------------------------
+def _number(text: str, kind: type[_N]) -> _N:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _open_unit(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _closed_unit(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _unit_right_open(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from polyak import demo  # the defaults live there; scikit-learn and matplotlib are imported on use
+
+    p = subparsers.add_parser(
+        "demo",
+        help="train a CNN on scikit-learn's digits with an EMA of its weights",
+        description=(
+            "Train a small CNN on scikit-learn's bundled 8x8 digits with an ignite trainer and a "
+            "polyak.EMAHandler (with a linear momentum warm-up). After each epoch, evaluate the online and "
+            "the EMA model on a held-out split; at the end, print a table, and write a PNG of the curves "
+            "and an ignite checkpoint (model, optimizer, trainer, EMA handler) into a new run directory."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--epochs", type=_positive_int, default=demo.DEFAULT_EPOCHS, help="training epochs")
+    p.add_argument("--lr", type=_positive_float, default=demo.DEFAULT_LR, help="SGD learning rate")
+    p.add_argument(
+        "--sgd-momentum",
+        type=_unit_right_open,
+        default=demo.DEFAULT_SGD_MOMENTUM,
+        help="SGD's heavy-ball momentum (not the EMA's)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=_open_unit,
+        default=demo.DEFAULT_EMA_MOMENTUM,
+        help="EMA momentum after the warm-up: weight of the online model in each EMA update",
+    )
+    p.add_argument(
+        "--momentum-warmup",
+        type=_closed_unit,
+        default=demo.DEFAULT_MOMENTUM_WARMUP,
+        help="EMA momentum of the first update; it goes linearly to --momentum over --warmup-iters",
+    )
+    p.add_argument(
+        "--warmup-iters",
+        type=_positive_int,
+        default=demo.DEFAULT_WARMUP_ITERS,
+        help="length of the EMA momentum warm-up, in iterations",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=demo.DEFAULT_BATCH_SIZE, help="batch size")
+    p.add_argument("--held-out", type=_open_unit, default=demo.DEFAULT_HELD_OUT, help="fraction of the data held out")
+    p.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="seed of the init, split and shuffle")
+    p.add_argument(
+        "--output-dir",
+        default=demo.DEFAULT_OUTPUT_DIR,
+        help="directory in which a new timestamped run directory is created",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch intra-op threads (more only slow this small network down)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from polyak.demo import format_table, run_demo
+
+    result = run_demo(
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        momentum_warmup=args.momentum_warmup,
+        warmup_iters=args.warmup_iters,
+        sgd_momentum=args.sgd_momentum,
+        batch_size=args.batch_size,
+        held_out=args.held_out,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        progress=not args.no_progress,
+        num_threads=args.threads,
+    )
+    last = result.history[-1]
+    print(format_table(result.history))
+    print(
+        f"\nafter {result.iterations} iterations ({result.seconds:.1f} s): held-out accuracy "
+        f"EMA {100 * last.ema_accuracy:.2f}% vs online {100 * last.online_accuracy:.2f}%"
+    )
+    print(f"plot:          {result.plot_path}")
+    print(f"checkpoint:    {result.checkpoint_path}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (_add_demo,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``polyak`` argument parser, with one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="polyak", description="Exponential moving averages of PyTorch model weights.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in _COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (``sys.argv[1:]`` by default); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
