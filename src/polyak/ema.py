@@ -52,6 +52,7 @@ class _Group:
     staging: Tensor | None = None
     staging_views: list[Tensor] = field(default_factory=list)
     rounding: Tensor | None = None  # float32 work buffer of stochastic rounding
+    rounding_mask: Tensor | None = None  # int32 mask of a float32's bfloat16 bits, a tensor: no scalar per update
     wait_for: torch.device | None = None  # a CUDA device whose copies must land before the CPU reads them
     online_flat: Tensor | None = None  # flat mode: the online tensors of lerp_online are views into it
     online_ptrs: list[int] = field(default_factory=list)  # flat mode: where they must still point
@@ -196,8 +197,7 @@ class EMA:
                 raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
             if momentum != _DEFAULT_MOMENTUM:
                 raise ValueError(
-                    f"give either momentum or schedule, not both: got momentum={momentum!r} and "
-                    f"schedule={schedule!r}"
+                    f"give either momentum or schedule, not both: got momentum={momentum!r} and schedule={schedule!r}"
                 )
         if handle_buffers not in HANDLE_BUFFERS:
             raise ValueError(
@@ -329,6 +329,7 @@ class EMA:
                 g.wait_for = online_device
         if self.stochastic_rounding:
             g.rounding = torch.empty(n, dtype=torch.float32, device=device)
+            g.rounding_mask = torch.tensor(-65536, dtype=torch.int32, device=device)
 
     def _refresh_online(self) -> None:
         """Pair again with the online model's current tensors, after something re-registered or moved them."""
@@ -436,7 +437,7 @@ class EMA:
         noise = g.staging.view(torch.int32)
         torch.randint(0, 1 << 16, noise.shape, out=noise, generator=self._generator)
         bits = g.rounding.view(torch.int32)
-        bits.add_(noise).bitwise_and_(-65536)
+        bits.add_(noise).bitwise_and_(g.rounding_mask)
         g.acc.copy_(g.rounding)
 
     def _online_is_finite(self) -> bool:

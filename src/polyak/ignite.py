@@ -122,8 +122,7 @@ class EMAHandler:
             )
         if not isinstance(model, nn.Module):
             raise _ModelError(
-                "model should be an instance of nn.Module or its subclasses, but got "
-                f"{type(model).__name__}: {model!r}"
+                f"model should be an instance of nn.Module or its subclasses, but got {type(model).__name__}: {model!r}"
             )
         if handle_buffers not in HANDLE_BUFFERS:
             raise ValueError(
