@@ -223,7 +223,8 @@ class EMAHandler:
         return engine.add_event_handler(event, self._update, name)
 
     def _start_counting(self, engine: Engine) -> None:
-        if self._last_iteration is None:
+        # a first run, or a run that starts over (a finished engine restarts from iteration 0)
+        if self._last_iteration is None or self._last_iteration > engine.state.iteration:
             self._last_iteration = engine.state.iteration
 
     def _update(self, engine: Engine, name: str) -> None:
