@@ -20,6 +20,7 @@ from polyak import __version__
 __all__ = ["build_parser", "main"]
 
 _N = TypeVar("_N", int, float)
+_AUTO = "auto"
 
 
 # -- argument types: bad values fail at parse time with argparse's usual message --------------------------
@@ -120,7 +121,12 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=1,
         help="torch intra-op threads (more only slow this small network down)",
     )
-    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=_AUTO,
+        help=f"show ignite's progress bar and a line per epoch on stderr; {_AUTO}: if stderr is a terminal",
+    )
     p.set_defaults(func=_run_demo)
 
 
@@ -138,7 +144,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         held_out=args.held_out,
         seed=args.seed,
         output_dir=args.output_dir,
-        progress=not args.no_progress,
+        progress=sys.stderr.isatty() if args.progress == _AUTO else args.progress,
         num_threads=args.threads,
     )
     last = result.history[-1]

@@ -105,8 +105,8 @@ def linear_warmup(momentum_warmup: float, momentum: float, warmup_iters: int) ->
 
         m_k = m_w + (m - m_w) * (k - 1) / max(1, W - 1)
 
-    clamped so that it never passes ``m``: update 1 uses ``momentum_warmup``, update ``warmup_iters`` and
-    every later one use ``momentum``.
+    clamped so that it never passes ``m``: update 1 uses ``momentum_warmup``, and every update from
+    ``max(2, warmup_iters)`` on uses ``momentum`` (up to ignite's rounding at update ``warmup_iters``).
 
     Args:
         momentum_warmup: momentum of the first update, in [0, 1].
