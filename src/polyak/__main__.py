@@ -1,7 +1,8 @@
 """Command line of polyak: ``python -m polyak COMMAND [options]`` (or the ``polyak`` script).
 
 Commands:
-    demo    train a small CNN on scikit-learn's digits with an EMA of its weights (see :mod:`polyak.demo`)
+    demo     train a small CNN on scikit-learn's digits with an EMA of its weights (see :mod:`polyak.demo`)
+    posthoc  synthesize a post-hoc EMA from snapshots (see :mod:`polyak.posthoc`)
 
 ``python -m polyak COMMAND --help`` lists a command's options. Each command is one ``_add_<command>``
 function that registers its sub-parser and sets ``func``, the function that runs it and returns the exit
@@ -159,8 +160,22 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_posthoc(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from polyak import posthoc
+
+    parser = subparsers.add_parser(
+        "posthoc",
+        help="synthesize the EMA of any sigma_rel from PostHocEMA snapshots (EDM2)",
+        description=posthoc.CLI_DESCRIPTION,
+    )
+    posthoc.add_posthoc_arguments(parser)  # sets func
+
+
 # -- entry point ------------------------------------------------------------------------------------------
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (_add_demo,)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_demo,
+    _add_posthoc,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
