@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 import weakref
 from collections import OrderedDict
@@ -17,11 +18,17 @@ from torch.utils.hooks import RemovableHandle
 
 from polyak.schedules import Schedule, _check_int, _check_momentum, constant
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
 __all__ = ["EMA"]
 
 HANDLE_BUFFERS = ("copy", "update", "ema_train")
 _DEFAULT_MOMENTUM = 0.0002
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_local_tensor = operator.attrgetter("_local_tensor")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -31,35 +38,73 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_dtensor(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+@dataclass
+class _Buf:
+    """Tensors updated together: ``views``, and ``flat`` where they are exactly the views of one buffer."""
+
+    views: list[Tensor]
+    flat: Tensor | None = None
+
+    @classmethod
+    def empty_like(cls, like: list[Tensor], dtype: torch.dtype, device: torch.device, pin: bool = False) -> _Buf:
+        flat = torch.empty(sum(t.numel() for t in like), dtype=dtype, device=device, pin_memory=pin)
+        return cls(_split_views(flat, like), flat)
+
+
+def _lerp(dst: _Buf, src: _Buf, m: float) -> None:
+    if dst.flat is not None and src.flat is not None:
+        dst.flat.lerp_(src.flat, m)
+    else:
+        torch._foreach_lerp_(dst.views, src.views, m)
+
+
+def _copy(dst: _Buf, src: _Buf, non_blocking: bool = False) -> None:
+    if dst.flat is not None and src.flat is not None:
+        dst.flat.copy_(src.flat, non_blocking=non_blocking)
+    else:
+        torch._foreach_copy_(dst.views, src.views, non_blocking=non_blocking)
+
+
 @dataclass
 class _Group:
-    """The tensors of one (device, dtype) of the online model, and everything their update needs.
+    """The averaged tensors of one (device, dtype) of the online model, and everything their update needs.
 
-    ``storage`` holds the EMA model's tensors of this group (averaged ones first, as one span). The average
-    is accumulated in ``acc``: that span itself, or a separate ``master`` in a wider dtype. ``staging``
-    receives the online values first where they must change dtype or device before the fused ``lerp_``.
+    ``ema`` and ``online`` pair the EMA model's and the online model's tensors by position. The average is
+    accumulated in ``master`` (a wider dtype) where there is one, else in ``ema`` itself. ``staging``
+    receives the online values first where they must change dtype or device before the ``lerp_``. For
+    DTensors (FSDP2) the views are the local shards, fetched afresh at each update from ``*_params``
+    because FSDP may re-allocate them.
     """
 
-    storage: Tensor
     online_device: torch.device
-    lerp_ema: list[Tensor] = field(default_factory=list)
-    lerp_online: list[Tensor] = field(default_factory=list)
-    lerp_names: list[str] = field(default_factory=list)
-    copy_ema: list[Tensor] = field(default_factory=list)
-    copy_online: list[Tensor] = field(default_factory=list)
-    acc: Tensor | None = None  # flat accumulator of the averaged span
-    master: Tensor | None = None  # set when acc is not the EMA model's own storage
-    staging: Tensor | None = None
-    staging_views: list[Tensor] = field(default_factory=list)
-    rounding: Tensor | None = None  # float32 work buffer of stochastic rounding
+    dtype: torch.dtype
+    names: list[str]
+    ema: _Buf
+    online: _Buf
+    ema_params: list[Tensor] | None = None  # DTensors whose local shards ema.views are
+    online_params: list[Tensor] | None = None
+    master: _Buf | None = None
+    staging: _Buf | None = None
+    rounding: _Buf | None = None  # float32 work buffer of stochastic rounding
     rounding_mask: Tensor | None = None  # int32 mask of a float32's bfloat16 bits, a tensor: no scalar per update
     wait_for: torch.device | None = None  # a CUDA device whose copies must land before the CPU reads them
-    online_flat: Tensor | None = None  # flat mode: the online tensors of lerp_online are views into it
-    online_ptrs: list[int] = field(default_factory=list)  # flat mode: where they must still point
+    online_ptrs: list[int] = field(default_factory=list)  # flat mode: where the online tensors must point
 
     @property
-    def span(self) -> Tensor:
-        return self.storage[: self.acc.numel()] if self.acc is not None else self.storage[:0]
+    def acc(self) -> _Buf:
+        return self.master if self.master is not None else self.ema
+
+
+@dataclass
+class _Copies:
+    """Tensors copied from the online model at each update (buffers, integer tensors)."""
+
+    ema: list[Tensor] = field(default_factory=list)
+    online: list[Tensor] = field(default_factory=list)
 
 
 def _named_tensors(module: nn.Module) -> OrderedDict[str, tuple[Tensor, bool]]:
@@ -97,6 +142,35 @@ def _split_views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
         views.append(flat[offset : offset + t.numel()].view(t.shape))
         offset += t.numel()
     return views
+
+
+def _describe(t: Tensor) -> str:
+    where = f"{t.dtype} {tuple(t.shape)} on {t.device}"
+    if _is_dtensor(t):
+        where += f", sharded {tuple(t.placements)} over {t.device_mesh}, local {tuple(t._local_tensor.shape)}"
+    return where
+
+
+def _check_alike(name: str, online: Tensor, ema: Tensor) -> None:
+    """``ema_model`` given by the user must hold its tensors exactly as the model does, sharding included."""
+    same = (
+        online.shape == ema.shape
+        and online.dtype == ema.dtype
+        and _is_dtensor(online) == _is_dtensor(ema)
+        and (
+            not _is_dtensor(online)
+            or (
+                online.placements == ema.placements
+                and online.device_mesh == ema.device_mesh
+                and online._local_tensor.shape == ema._local_tensor.shape
+            )
+        )
+    )
+    if not same:
+        raise ValueError(
+            f"ema_model must be built and sharded like the model: its tensor {name!r} is {_describe(ema)}, "
+            f"the model's is {_describe(online)}"
+        )
 
 
 class EMA:
@@ -146,6 +220,10 @@ class EMA:
             something re-allocates them later (``model.to()``, ``model.half()``,
             ``load_state_dict(assign=True)``), the next update notices: it re-flattens, or raises where
             the dtypes or devices changed.
+        ema_model: the module to hold the average, built by you like the model, for models that cannot be
+            deep-copied: FSDP2 (``fully_shard``) models, whose EMA module must be sharded the same way (it
+            is checked, and starts from the model's values). The EMA then stays sharded: each rank updates
+            and holds only its shard.
 
     Attributes:
         ema_model: the averaged model, on the online model's device (or ``device``).
@@ -188,6 +266,7 @@ class EMA:
         skip_nonfinite: bool = False,
         device: torch.device | str | None = None,
         flat: bool = False,
+        ema_model: nn.Module | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}: {model!r}")
@@ -215,6 +294,11 @@ class EMA:
                 device = torch.device(device)
             except (RuntimeError, TypeError) as e:
                 raise ValueError(f"device must name a torch device, got {device!r}") from e
+        if ema_model is not None:
+            if not isinstance(ema_model, nn.Module):
+                raise TypeError(f"ema_model must be an nn.Module, got {type(ema_model).__name__}")
+            if device is not None:
+                raise ValueError(f"give either ema_model or device, not both: got device={device!r}")
 
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -233,13 +317,17 @@ class EMA:
         self._generator: torch.Generator | None = None
         self._seed = seed
 
-        try:
-            self.ema_model = copy.deepcopy(model)
-        except Exception as e:  # a module that refuses deepcopy says why; say what it was for
-            raise TypeError(f"could not deep-copy model of type {type(model).__name__} for the EMA: {e}") from e
+        if ema_model is None:
+            self.ema_model = self._copy_model(model)
+        else:
+            if isinstance(ema_model, nn.parallel.DistributedDataParallel):
+                ema_model = ema_model.module
+            if ema_model is model or ema_model is unwrap_model(model):
+                raise ValueError("ema_model must be a separate module, not the online model itself")
+            self.ema_model = ema_model
         self.ema_model.requires_grad_(False)
         self.ema_model.train(handle_buffers == "ema_train")
-        self._groups = self._build_groups()
+        self._groups, self._copies = self._build_groups(own_storage=ema_model is None)
         self._stale = False
         _watch(self)
         if any(g.master is not None for g in self._groups):
@@ -250,22 +338,29 @@ class EMA:
             )
 
     # -- construction -------------------------------------------------------------------------------
+    @staticmethod
+    def _copy_model(model: nn.Module) -> nn.Module:
+        if any(_is_dtensor(p) for p in model.parameters()):
+            raise TypeError(
+                "model holds sharded DTensor parameters (FSDP2), and FSDP modules cannot be deep-copied: build "
+                "the EMA module like the model (same architecture, fully_shard with the same mesh and "
+                "arguments) and pass it as EMA(model, ..., ema_model=ema_module)"
+            )
+        try:
+            return copy.deepcopy(model)
+        except Exception as e:  # a module that refuses deepcopy says why; say what to do about it
+            raise TypeError(
+                f"could not deep-copy model of type {type(model).__name__} for the EMA ({e}): build a copy "
+                "yourself and pass it as ema_model="
+            ) from e
+
     def _accumulator_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if self.dtype is not None:
             return self.dtype
         return torch.float32 if dtype in _LOW_PRECISION else dtype
 
-    def _build_groups(self) -> list[_Group]:
-        """Pair tensors by name, put the EMA model's into one buffer per group, build the lists."""
-        online = _named_tensors(unwrap_model(self.model))
-        ema_module = unwrap_model(self.ema_model)
-        ema = _named_tensors(ema_module)
-        if list(online) != list(ema):
-            missing = sorted(set(online) - set(ema))
-            extra = sorted(set(ema) - set(online))
-            raise ValueError(f"ema_model's tensors do not match the model's: missing {missing}, unexpected {extra}")
-
-        # role of each tensor: "lerp" (averaged), "copy" (copied at each update) or None (left alone)
+    def _roles(self, ema: Mapping[str, tuple[Tensor, bool]]) -> dict[str, str | None]:
+        """What each tensor gets at an update: "lerp" (averaged), "copy" (copied) or None (left alone)."""
         roles: dict[str, str | None] = {}
         for name, (t, is_param) in ema.items():
             if not is_param and self.handle_buffers == "ema_train":
@@ -274,92 +369,146 @@ class EMA:
                 roles[name] = "lerp" if is_param or self.handle_buffers == "update" else "copy"
             else:  # integer tensors (num_batches_tracked, ...) are copied, never averaged
                 roles[name] = "copy"
+        return roles
 
-        keyed: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    def _build_groups(self, own_storage: bool) -> tuple[list[_Group], list[_Copies]]:
+        """Pair tensors by name, group them by (device, dtype), build the lists every update runs on.
+
+        Where the EMA model is our own copy, its tensors of each group become views into one buffer
+        (averaged ones first, as one span). A user's ``ema_model`` (FSDP2) keeps its storage: it is
+        checked to be built like the model and starts from the model's values.
+        """
+        online = _named_tensors(unwrap_model(self.model))
+        ema_module = unwrap_model(self.ema_model)
+        ema = _named_tensors(ema_module)
+        if list(online) != list(ema):
+            missing = sorted(set(online) - set(ema))
+            extra = sorted(set(ema) - set(online))
+            raise ValueError(f"ema_model's tensors do not match the model's: missing {missing}, unexpected {extra}")
+        if not own_storage:
+            for name, (t, _) in online.items():
+                _check_alike(name, t, ema[name][0])
+        roles = self._roles(ema)
+        keyed: dict[tuple[torch.device, torch.dtype, bool], list[str]] = {}
         for name, (t, _) in online.items():
-            keyed.setdefault((t.device, t.dtype), []).append(name)
+            keyed.setdefault((t.device, t.dtype, _is_dtensor(t)), []).append(name)
 
         aliases = _aliases(ema_module)
-        groups = []
-        for (online_device, dtype), names in keyed.items():
-            device = self.device or online_device
-            # averaged tensors first, then copied ones: each kind is one contiguous span of the buffer
+        groups, copies = [], []
+        for (online_device, dtype, _), names in keyed.items():
             names.sort(key=lambda n: {"lerp": 0, "copy": 1, None: 2}[roles[n]])
-            storage = torch.empty(sum(ema[n][0].numel() for n in names), device=device, dtype=dtype)
-            group = _Group(storage, online_device)
-            for name, view in zip(names, _split_views(storage, [ema[n][0] for n in names]), strict=True):
-                old, is_param = ema[name]
-                view.copy_(old)
-                new = nn.Parameter(view, requires_grad=False) if is_param else view
-                for alias, alias_is_param in aliases[id(old)]:
-                    _set_tensor(ema_module, alias, new, alias_is_param)
-                if roles[name] == "lerp":
-                    group.lerp_ema.append(new)
-                    group.lerp_online.append(online[name][0])
-                    group.lerp_names.append(name)
-                elif roles[name] == "copy":
-                    group.copy_ema.append(new)
-                    group.copy_online.append(online[name][0])
-            self._prepare_accumulator(group, online_device)
-            if self.flat:
-                _flatten_online(group)
-            groups.append(group)
+            ema_flat = None
+            if own_storage:
+                device = self.device or online_device
+                ema_flat = torch.empty(sum(ema[n][0].numel() for n in names), device=device, dtype=dtype)
+                for name, view in zip(names, _split_views(ema_flat, [ema[n][0] for n in names]), strict=True):
+                    old, is_param = ema[name]
+                    view.copy_(old)
+                    new = nn.Parameter(view, requires_grad=False) if is_param else view
+                    for alias, alias_is_param in aliases[id(old)]:
+                        _set_tensor(ema_module, alias, new, alias_is_param)
+                ema = _named_tensors(ema_module)
+            else:
+                with torch.no_grad():  # the EMA starts where the model is, as a deep copy would
+                    for name in names:
+                        if roles[name] is not None:
+                            ema[name][0].copy_(online[name][0])
+            lerp_names = [n for n in names if roles[n] == "lerp"]
+            copy_names = [n for n in names if roles[n] == "copy"]
+            copies.append(_Copies([ema[n][0] for n in copy_names], [online[n][0] for n in copy_names]))
+            if lerp_names:
+                groups.append(self._make_group(online_device, dtype, lerp_names, online, ema, ema_flat))
         if self.stochastic_rounding:
-            self._generator = torch.Generator(device=groups[0].storage.device if groups else "cpu")
+            device = groups[0].acc.views[0].device if groups else torch.device("cpu")
+            self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self._seed)
-        return groups
+        return groups, [c for c in copies if c.ema]
 
-    def _prepare_accumulator(self, g: _Group, online_device: torch.device) -> None:
-        if not g.lerp_ema:
-            return
-        n = sum(t.numel() for t in g.lerp_ema)
-        dtype, device = g.storage.dtype, g.storage.device
+    def _make_group(
+        self,
+        online_device: torch.device,
+        dtype: torch.dtype,
+        names: list[str],
+        online: Mapping[str, tuple[Tensor, bool]],
+        ema: Mapping[str, tuple[Tensor, bool]],
+        ema_flat: Tensor | None,
+    ) -> _Group:
+        online_tensors = [online[n][0] for n in names]
+        ema_tensors = [ema[n][0] for n in names]
+        sharded = _is_dtensor(online_tensors[0])
+        n = sum(t.numel() for t in ema_tensors)
+        g = _Group(
+            online_device,
+            dtype,
+            names,
+            ema=_Buf(list(map(_local_tensor, ema_tensors)) if sharded else ema_tensors, ema_flat),
+            online=_Buf(list(map(_local_tensor, online_tensors)) if sharded else online_tensors),
+            ema_params=ema_tensors if sharded else None,
+            online_params=online_tensors if sharded else None,
+        )
+        if ema_flat is not None:
+            g.ema.flat = ema_flat[:n]
+        device = g.ema.views[0].device
         acc_dtype = self._accumulator_dtype(dtype)
-        span = g.storage[:n]
-        if acc_dtype == dtype:
-            g.acc = span
-        else:
-            g.master = g.acc = span.to(acc_dtype, copy=True)
+        if acc_dtype != dtype:
+            g.master = _Buf.empty_like(g.ema.views, acc_dtype, device)
+            _copy(g.master, g.ema)
         work_dtype = torch.float32 if self.stochastic_rounding else acc_dtype
         if work_dtype != dtype or device != online_device or self.stochastic_rounding:
             pin = device.type == "cpu" and online_device.type == "cuda"
-            g.staging = torch.empty(n, dtype=work_dtype, device=device, pin_memory=pin)
-            g.staging_views = _split_views(g.staging, g.lerp_ema)
+            g.staging = _Buf.empty_like(g.ema.views, work_dtype, device, pin)
             if pin:
                 g.wait_for = online_device
         if self.stochastic_rounding:
-            g.rounding = torch.empty(n, dtype=torch.float32, device=device)
+            g.rounding = _Buf.empty_like(g.ema.views, torch.float32, device)
             g.rounding_mask = torch.tensor(-65536, dtype=torch.int32, device=device)
+        if self.flat and not sharded:
+            _flatten_online(g)
+        return g
 
     def _refresh_online(self) -> None:
         """Pair again with the online model's current tensors, after something re-registered or moved them."""
         online = _named_tensors(unwrap_model(self.model))
         for g in self._groups:
             current = []
-            for name, ema_t in zip(g.lerp_names, g.lerp_ema, strict=True):
+            for name, ema_t in zip(g.names, g.ema_params or g.ema.views, strict=True):
                 t = online.get(name, (None,))[0]
                 if t is None or t.shape != ema_t.shape or t.dtype != ema_t.dtype or t.device != g.online_device:
                     got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device}"
                     raise RuntimeError(
                         f"the model's tensor {name!r} changed from {ema_t.dtype} {tuple(ema_t.shape)} on "
-                        f"{g.online_device} "
-                        f"to {got} after the EMA was built (model.to(), .half(), load_state_dict(assign=True)?): "
-                        "build a new EMA for the converted model, or convert the model back"
+                        f"{g.online_device} to {got} after the EMA was built (model.to(), .half(), "
+                        "load_state_dict(assign=True)?): build a new EMA for the converted model, or convert "
+                        "the model back"
                     )
                 current.append(t)
-            g.lerp_online = current
-            if g.online_flat is not None:
+            if g.online_params is not None:
+                g.online_params = current
+                g.online.views = list(map(_local_tensor, current))
+            else:
+                g.online.views = current
+            if g.online.flat is not None:
                 _flatten_online(g)
         ema = _named_tensors(unwrap_model(self.ema_model))
         by_ema = {id(t): name for name, (t, _) in ema.items()}
-        for g in self._groups:
-            g.copy_online = [online[by_ema[id(e)]][0] for e in g.copy_ema]
+        for c in self._copies:
+            c.online = [online[by_ema[id(e)]][0] for e in c.ema]
         self._stale = False
 
     def _master_from_model(self) -> None:
-        for g in self._groups:
-            if g.master is not None:
-                g.master.copy_(g.span)
+        with torch.no_grad():
+            for g in self._groups:
+                if g.master is not None:
+                    self._fetch_local_shards(g)
+                    _copy(g.master, g.ema)
+
+    @staticmethod
+    def _fetch_local_shards(g: _Group) -> None:
+        # FSDP2 may re-allocate a shard (padding it at lazy init, on load_state_dict): take the current ones
+        if g.online_params is not None:
+            g.online.views = list(map(_local_tensor, g.online_params))
+        if g.ema_params is not None:
+            g.ema.views = list(map(_local_tensor, g.ema_params))
 
     # -- the update ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -388,13 +537,11 @@ class EMA:
         if self._stale:
             self._refresh_online()
         for g in self._groups:
-            if g.online_flat is not None and list(map(Tensor.data_ptr, g.lerp_online)) != g.online_ptrs:
+            self._fetch_local_shards(g)
+            if g.online.flat is not None and list(map(Tensor.data_ptr, g.online.views)) != g.online_ptrs:
                 self._refresh_online()
             if g.staging is not None:
-                if g.online_flat is not None:
-                    g.staging.copy_(g.online_flat, non_blocking=g.wait_for is not None)
-                else:
-                    torch._foreach_copy_(g.staging_views, g.lerp_online, non_blocking=g.wait_for is not None)
+                _copy(g.staging, g.online, non_blocking=g.wait_for is not None)
                 if g.wait_for is not None:
                     torch.cuda.current_stream(g.wait_for).synchronize()
         if self.skip_nonfinite and not self._online_is_finite():
@@ -409,19 +556,14 @@ class EMA:
             return 0.0
         try:
             for g in self._groups:
-                if g.acc is not None:
-                    if g.rounding is not None:
-                        self._lerp_stochastic(g, m)
-                    elif g.staging is not None:
-                        g.acc.lerp_(g.staging, m)
-                    elif g.online_flat is not None:
-                        g.acc.lerp_(g.online_flat, m)
-                    else:
-                        torch._foreach_lerp_(g.lerp_ema, g.lerp_online, m)
-                    if g.master is not None:
-                        g.span.copy_(g.master)
-                if g.copy_ema:
-                    torch._foreach_copy_(g.copy_ema, g.copy_online)
+                if g.rounding is not None:
+                    self._lerp_stochastic(g, m)
+                else:
+                    _lerp(g.acc, g.staging if g.staging is not None else g.online, m)
+                if g.master is not None:
+                    _copy(g.ema, g.master)
+            for c in self._copies:
+                torch._foreach_copy_(c.ema, c.online)
         except RuntimeError:
             self._refresh_online()  # says clearly which tensor changed dtype or device, if one did
             raise
@@ -430,26 +572,33 @@ class EMA:
 
     def _lerp_stochastic(self, g: _Group, m: float) -> None:
         """``acc <- lerp(acc, staging, m)`` computed in float32, rounded to bfloat16 stochastically."""
-        assert g.acc is not None and g.staging is not None and g.rounding is not None
-        g.rounding.copy_(g.acc).lerp_(g.staging, m)
+        assert g.staging is not None and g.rounding is not None and g.rounding.flat is not None
+        _copy(g.rounding, g.acc)
+        _lerp(g.rounding, g.staging, m)
         # Adding uniform random bits below bfloat16's last place and truncating rounds up with
         # probability equal to the distance to the lower neighbour: unbiased.
-        noise = g.staging.view(torch.int32)
+        assert g.staging.flat is not None
+        noise = g.staging.flat.view(torch.int32)
         torch.randint(0, 1 << 16, noise.shape, out=noise, generator=self._generator)
-        bits = g.rounding.view(torch.int32)
-        bits.add_(noise).bitwise_and_(g.rounding_mask)
-        g.acc.copy_(g.rounding)
+        g.rounding.flat.view(torch.int32).add_(noise).bitwise_and_(g.rounding_mask)
+        _copy(g.acc, g.rounding)
 
     def _online_is_finite(self) -> bool:
         worst = []
         for g in self._groups:
-            flat = g.staging if g.staging is not None else g.online_flat
-            if flat is not None:
-                worst.append(torch.linalg.vector_norm(flat, ord=float("inf")).to("cpu", torch.float32))
-            elif g.lerp_online:
-                norms = torch._foreach_norm(g.lerp_online, ord=float("inf"))
+            source = g.staging if g.staging is not None else g.online
+            if source.flat is not None:
+                worst.append(torch.linalg.vector_norm(source.flat, ord=float("inf")).to("cpu", torch.float32))
+            else:
+                norms = torch._foreach_norm(source.views, ord=float("inf"))
                 worst.append(torch.stack(norms).max().to("cpu", torch.float32))
-        return not worst or bool(torch.stack(worst).isfinite().all())
+        finite = torch.stack(worst).isfinite().all() if worst else torch.tensor(True)
+        if any(g.online_params is not None for g in self._groups) and torch.distributed.is_initialized():
+            # each rank sees only its shard: all must agree, or their EMAs would part ways
+            flag = finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        return bool(finite)
 
     def momentum_at(self, k: int) -> float:
         """The momentum of update ``k`` (1-based) under this EMA's schedule."""
@@ -460,7 +609,8 @@ class EMA:
         online = _named_tensors(unwrap_model(self.model))
         ema = _named_tensors(unwrap_model(self.ema_model))
         for name, (t, _) in online.items():
-            yield t, ema[name][0]
+            e = ema[name][0]
+            yield (t._local_tensor, e._local_tensor) if _is_dtensor(t) else (t, e)
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -547,17 +697,27 @@ class EMA:
             "num_skipped": self.num_skipped,
             "ema_model": unwrap_model(self.ema_model).state_dict(),
         }
-        masters = {
-            name: view
-            for g in self._groups
-            if g.master is not None
-            for name, view in zip(g.lerp_names, _split_views(g.master, g.lerp_ema), strict=True)
-        }
+        masters = self._master_views()
         if masters:
             state["master"] = masters
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
         return state
+
+    def _master_views(self) -> dict[str, Tensor]:
+        """The float32 masters by tensor name; for sharded models, as DTensors sharded like the model's."""
+        masters = {}
+        for g in self._groups:
+            if g.master is None:
+                continue
+            for i, (name, view) in enumerate(zip(g.names, g.master.views, strict=True)):
+                if g.online_params is not None:
+                    like = g.online_params[i]
+                    view = DTensor.from_local(
+                        view, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+                    )
+                masters[name] = view
+        return masters
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Everything is checked before anything is changed.
@@ -575,7 +735,7 @@ class EMA:
         _check_tensors("state_dict['ema_model']", state_dict["ema_model"], module.state_dict())
         masters = state_dict.get("master")
         if masters is not None:
-            _check_tensors("state_dict['master']", masters, self.state_dict().get("master", {}))
+            _check_tensors("state_dict['master']", masters, self._master_views())
         generator = state_dict.get("generator")
         if generator is not None and not isinstance(generator, Tensor):
             raise TypeError(f"state_dict['generator'] must be a tensor, got {type(generator).__name__}")
@@ -583,7 +743,7 @@ class EMA:
         module.load_state_dict(state_dict["ema_model"])  # copies into the flat storage; re-syncs masters
         if masters is not None:
             with torch.no_grad():
-                own = self.state_dict()["master"]
+                own = self._master_views()
                 for name, t in masters.items():
                     own[name].copy_(t)
         if generator is not None and self._generator is not None:
@@ -593,8 +753,9 @@ class EMA:
 
     def __repr__(self) -> str:
         sizes = ", ".join(
-            f"{g.storage.dtype}@{g.storage.device}: {g.storage.numel()}"
-            + (f" (master {g.master.dtype})" if g.master is not None else "")
+            f"{g.dtype}@{g.online_device}: "
+            + (f"{g.ema.flat.numel()} elements" if g.ema.flat is not None else f"{len(g.ema.views)} tensors")
+            + (f" (master {g.master.views[0].dtype})" if g.master is not None else "")
             for g in self._groups
         )
         return (
@@ -604,16 +765,15 @@ class EMA:
 
 
 def _flatten_online(g: _Group) -> None:
-    """Make the online tensors of ``g.lerp_online`` views into one new buffer, keeping their objects."""
-    if not g.lerp_online:
-        return
-    first = g.lerp_online[0]
-    g.online_flat = torch.empty(sum(t.numel() for t in g.lerp_online), dtype=first.dtype, device=first.device)
+    """Make the online tensors of ``g`` views into one new buffer, keeping their (Parameter) objects."""
+    views = g.online.views
+    flat = torch.empty(sum(t.numel() for t in views), dtype=views[0].dtype, device=views[0].device)
     with torch.no_grad():
-        for t, view in zip(g.lerp_online, _split_views(g.online_flat, g.lerp_online), strict=True):
+        for t, view in zip(views, _split_views(flat, views), strict=True):
             view.copy_(t)
             t.data = view  # the same Parameter object, now backed by the flat buffer
-    g.online_ptrs = list(map(Tensor.data_ptr, g.lerp_online))
+    g.online.flat = flat
+    g.online_ptrs = list(map(Tensor.data_ptr, views))
 
 
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[EMA]] = weakref.WeakKeyDictionary()
