@@ -511,7 +511,6 @@ class EMA:
             g.ema.views = list(map(_local_tensor, g.ema_params))
 
     # -- the update ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def update(self, steps: int = 1) -> float:
         """Fold the online model's current weights into the EMA; returns the momentum used.
 
@@ -534,10 +533,24 @@ class EMA:
             raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
         if steps != 1:
             m = 1.0 - (1.0 - m) ** steps
+        # torch.no_grad() as a decorator costs more than a small model's whole update: switch it directly
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            if not self._fold(m, k):
+                return 0.0
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        self.num_updates = k
+        return m
+
+    def _fold(self, m: float, k: int) -> bool:
+        """The fused update itself; False where ``skip_nonfinite`` skipped it."""
         if self._stale:
             self._refresh_online()
         for g in self._groups:
-            self._fetch_local_shards(g)
+            if g.online_params is not None:
+                self._fetch_local_shards(g)
             if g.online.flat is not None and list(map(Tensor.data_ptr, g.online.views)) != g.online_ptrs:
                 self._refresh_online()
             if g.staging is not None:
@@ -551,9 +564,9 @@ class EMA:
                     f"skipped EMA update {k}: the online model holds NaN or Inf (counted in EMA.num_skipped; "
                     "this warning is shown once)",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-            return 0.0
+            return False
         try:
             for g in self._groups:
                 if g.rounding is not None:
@@ -567,8 +580,7 @@ class EMA:
         except RuntimeError:
             self._refresh_online()  # says clearly which tensor changed dtype or device, if one did
             raise
-        self.num_updates = k
-        return m
+        return True
 
     def _lerp_stochastic(self, g: _Group, m: float) -> None:
         """``acc <- lerp(acc, staging, m)`` computed in float32, rounded to bfloat16 stochastically."""
