@@ -749,8 +749,18 @@ class EMA:
         if masters is not None:
             _check_tensors("state_dict['master']", masters, self._master_views())
         generator = state_dict.get("generator")
-        if generator is not None and not isinstance(generator, Tensor):
-            raise TypeError(f"state_dict['generator'] must be a tensor, got {type(generator).__name__}")
+        if generator is not None and self._generator is not None:
+            own_state = self._generator.get_state()
+            if (
+                not isinstance(generator, Tensor)
+                or generator.dtype != own_state.dtype
+                or generator.shape != own_state.shape
+            ):
+                got = f"{generator.dtype} {tuple(generator.shape)}" if isinstance(generator, Tensor) else generator
+                raise ValueError(
+                    f"state_dict['generator'] must be a generator state ({own_state.dtype} {tuple(own_state.shape)}), "
+                    f"got {got!r}"
+                )
 
         module.load_state_dict(state_dict["ema_model"])  # copies into the flat storage; re-syncs masters
         if masters is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,8 @@ class EMAHandler:
         ema_{t+1} = (1 - m) * ema_t + m * theta_t
 
     The momentum in use is written to ``engine.state.<name>`` (``engine.state.ema_momentum`` by default)
-    at each update; before the first update it holds the momentum the first update will use.
+    at each update; before the first update it holds the momentum the first update will use, and after
+    :meth:`load_state_dict` that of the last update restored.
 
     Args:
         model: the online model for which an EMA model will be computed. If ``model`` is ``DataParallel``
@@ -153,6 +155,7 @@ class EMAHandler:
         )
         # engine.state.iteration at the last update, for per_step; saved, so a resumed run counts on
         self._last_iteration: int | None = None
+        self._attached: list[tuple[weakref.ref[Engine], str]] = []
         self.momentum = momentum
         self.momentum_warmup = momentum_warmup
         self.warmup_iters = warmup_iters
@@ -217,10 +220,15 @@ class EMAHandler:
                     stacklevel=2,
                 )
         else:
-            setattr(engine.state, name, self.ema.momentum_at(self.ema.num_updates + 1))
+            setattr(engine.state, name, self._current_momentum())
+        self._attached.append((weakref.ref(engine), name))
         if self.ema.per_step and not engine.has_event_handler(self._start_counting, Events.STARTED):
             engine.add_event_handler(Events.STARTED, self._start_counting)
         return engine.add_event_handler(event, self._update, name)
+
+    def _current_momentum(self) -> float:
+        """The momentum of the latest update, or before any, that of the first."""
+        return self.ema.momentum_at(max(1, self.ema.num_updates))
 
     def _start_counting(self, engine: Engine) -> None:
         # a first run, or a run that starts over (a finished engine restarts from iteration 0)
@@ -257,6 +265,10 @@ class EMAHandler:
         self.ema.load_state_dict(state)
         if last is not None:
             self._last_iteration = last
+        for engine_ref, name in self._attached:
+            engine = engine_ref()
+            if engine is not None:
+                setattr(engine.state, name, self._current_momentum())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.ema!r})"
