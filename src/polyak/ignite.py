@@ -55,6 +55,8 @@ class EMAHandler:
             :mod:`polyak.schedules`), instead of ``momentum``/``momentum_warmup``/``warmup_iters``.
         dtype, stochastic_rounding, seed, skip_nonfinite, device, flat: keyword-only; passed to
             :class:`~polyak.EMA` (float32 masters for low-precision models by default, and so on).
+        ema_model: keyword-only; the module to hold the average where the model cannot be deep-copied
+            (FSDP2: build and shard it like the model); see :class:`~polyak.EMA`.
         per_step: keyword-only; the momentum is meant per iteration: an update after ``n`` iterations
             (``Events.ITERATION_COMPLETED(every=n)``) uses ``1 - (1 - m) ** n``. The handler counts the
             iterations between its updates itself.
@@ -112,6 +114,7 @@ class EMAHandler:
         skip_nonfinite: bool = False,
         device: torch.device | str | None = None,
         flat: bool = False,
+        ema_model: nn.Module | None = None,
     ) -> None:
         try:
             momentum = _check_momentum("momentum", momentum)
@@ -152,6 +155,7 @@ class EMAHandler:
             skip_nonfinite=skip_nonfinite,
             device=device,
             flat=flat,
+            ema_model=ema_model,
         )
         # engine.state.iteration at the last update, for per_step; saved, so a resumed run counts on
         self._last_iteration: int | None = None
