@@ -563,3 +563,36 @@ def test_save_synthesized_copies_shared_tensors(tmp_path):
     assert torch.equal(loaded["a"], model.weight) and torch.equal(loaded["c"], model.weight.t())
     with pytest.raises(ValueError, match="folder"):
         save_synthesized(state, tmp_path / "missing" / "x.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("handle_buffers", ["copy", "update"])
+def test_profiles_updated_together_equal_separate_emas(tmp_path, dtype, handle_buffers):
+    """One fused pass over all profiles gives, bit for bit, what separate EMAs give."""
+    from polyak import EMA
+    from polyak.schedules import power_function
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(dtype)
+    posthoc = PostHocEMA(
+        model, sigma_rels=(0.05, 0.10), snapshot_every=100, directory=tmp_path, handle_buffers=handle_buffers
+    )
+    separate = [EMA(model, schedule=power_function(sigma_rel=s), handle_buffers=handle_buffers) for s in (0.05, 0.10)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(dtype))
+        model.train()(torch.randn(8, 3, generator=g).to(dtype))
+        posthoc.update()
+        for e in separate:
+            e.update()
+    for fused, alone in zip(posthoc.emas, separate, strict=True):
+        assert fused.num_updates == alone.num_updates == 7
+        for (k, a), b in zip(
+            fused.state_dict()["ema_model"].items(), alone.state_dict()["ema_model"].values(), strict=True
+        ):
+            assert torch.equal(a, b), k
+        if dtype == torch.bfloat16:
+            for k, a in fused.state_dict()["master"].items():
+                assert torch.equal(a, alone.state_dict()["master"][k]), k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import operator
 import warnings
 import weakref
@@ -784,6 +785,84 @@ class EMA:
             f"{type(self).__name__}(schedule={self.schedule!r}, handle_buffers={self.handle_buffers!r}, "
             f"num_updates={self.num_updates}, groups=[{sizes}])"
         )
+
+
+class _Together:
+    """Several EMAs of one model (different schedules), updated in one pass.
+
+    The online values are staged once, and where the EMAs accumulate in their own lists, one
+    ``_foreach_lerp_`` per group covers all of them, with a list of momenta. Built once; the lists are
+    reused at every update.
+    """
+
+    def __init__(self, emas: list[EMA]) -> None:
+        first = emas[0]
+        for e in emas[1:]:
+            same = (
+                e.model is first.model
+                and len(e._groups) == len(first._groups)
+                and all(
+                    g.names == h.names and (g.master is None) == (h.master is None) and h.rounding is None
+                    for g, h in zip(first._groups, e._groups, strict=True)
+                )
+                and e.skip_nonfinite == first.skip_nonfinite
+            )
+            if not same:
+                raise ValueError("EMAs updated together must track the same model, grouped the same way")
+        self.emas = emas
+        self.fallback = first.stochastic_rounding or first.flat or first.per_step
+        self.acc_views = [
+            list(itertools.chain.from_iterable(e._groups[i].acc.views for e in emas)) for i in range(len(first._groups))
+        ]
+        self.sizes = [len(g.names) for g in first._groups]
+
+    def update(self) -> list[float]:
+        emas = self.emas
+        if self.fallback or any(g.online_params is not None for g in emas[0]._groups):
+            return [e.update() for e in emas]
+        ks = [e.num_updates + 1 for e in emas]
+        ms = [float(e.schedule(k)) for e, k in zip(emas, ks, strict=True)]
+        for m, k in zip(ms, ks, strict=True):
+            if not 0.0 <= m <= 1.0:
+                raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
+        first = emas[0]
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for e in emas:
+                if e._stale:
+                    e._refresh_online()
+            for g in first._groups:
+                if g.staging is not None:
+                    _copy(g.staging, g.online, non_blocking=g.wait_for is not None)
+                    if g.wait_for is not None:
+                        torch.cuda.current_stream(g.wait_for).synchronize()
+            if first.skip_nonfinite and not first._online_is_finite():
+                for e in emas:
+                    e.num_skipped += 1
+                if first.num_skipped == 1:
+                    warnings.warn(
+                        f"skipped EMA update {ks[0]}: the online model holds NaN or Inf (counted in "
+                        "EMA.num_skipped; this warning is shown once)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return [0.0] * len(emas)
+            for i, (g, n) in enumerate(zip(first._groups, self.sizes, strict=True)):
+                source = (g.staging if g.staging is not None else g.online).views
+                weights = list(itertools.chain.from_iterable([m] * n for m in ms))
+                torch._foreach_lerp_(self.acc_views[i], source * len(emas), weights)
+            for e in emas:
+                for g in e._groups:
+                    if g.master is not None:
+                        _copy(g.ema, g.master)
+                for c in e._copies:
+                    torch._foreach_copy_(c.ema, c.online)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        for e, k in zip(emas, ks, strict=True):
+            e.num_updates = k
+        return ms
 
 
 def _flatten_online(g: _Group) -> None:

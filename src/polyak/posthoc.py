@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from polyak.ema import EMA, HANDLE_BUFFERS, unwrap_model
+from polyak.ema import EMA, HANDLE_BUFFERS, _Together, unwrap_model
 from polyak.schedules import _check_int, gamma_from_sigma_rel, power_function
 
 if TYPE_CHECKING:
@@ -228,6 +228,7 @@ class PostHocEMA:
             for s in sigmas
         ]
         self.gammas = tuple(ema.schedule.gamma for ema in self.emas)  # type: ignore[attr-defined]
+        self._together = _Together(self.emas)  # all profiles in one pass: the online model is read once
         if _is_writer():
             self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -248,8 +249,7 @@ class PostHocEMA:
             The snapshot files written by this call (none on most calls, and on ranks other than 0).
         """
         before = self.num_updates
-        for ema in self.emas:
-            ema.update()
+        self._together.update()
         if self.num_updates != before and self.num_updates % self.snapshot_every == 0:
             return self.snapshot()
         return []
