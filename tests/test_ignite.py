@@ -110,6 +110,7 @@ def test_custom_name_gets_its_warmup():
     assert not hasattr(trainer.state, "ema_momentum")
 
 
+@pytest.mark.filterwarnings("ignore:Attribute 'ema_momentum' is not defined:UserWarning")
 def test_ignite_defect_custom_name_loses_its_warmup():
     model = nn.Linear(2, 1)
     h = IgniteEMAHandler(model, momentum=0.001, momentum_warmup=0.3, warmup_iters=4)
