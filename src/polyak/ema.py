@@ -183,9 +183,10 @@ class EMA:
         ema_k = (1 - m_k) * ema_{k-1} + m_k * theta_k
 
     where ``m_k`` is the momentum of update ``k`` (the weight of the *online* model; other libraries write
-    ``decay = 1 - m``). The update is one fused multi-tensor ``lerp_`` per (device, dtype) group, over
-    tensor lists paired by name once, here: no Python loop over tensors, no lookups, no allocation.
-    The EMA model's tensors are views into one contiguous buffer per group.
+    ``decay = 1 - m``). The update is one multi-tensor ``torch._foreach_lerp_`` per (device, dtype) group
+    (one fused kernel on CUDA), over tensor lists paired by name once, here: no Python loop over tensors,
+    no lookups, no allocation. The EMA model's tensors are views into one contiguous buffer per group;
+    with ``flat=True`` the online model's are too, and the update is a single ``lerp_`` per group.
 
     Args:
         model: the online model. For ``DataParallel`` the EMA model is a ``DataParallel`` too; for
