@@ -1,14 +1,19 @@
 """Helpers for multi-process tests: a free port, spawned ranks with a timeout, and the DDP worker.
 
 The worker lives in an importable module (not a test file) so that ``spawn`` children import little.
+Also: :func:`rank_env` / :func:`init_rank` / :func:`finish_rank` for the body of a rank,
+:func:`run_session` for launchers that start processes of their own (``ignite.distributed.Parallel``),
+and :func:`no_collectives`, which makes any collective call raise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -71,6 +76,127 @@ def run_ranks(
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+def rank_env(rank: int, world_size: int, port: int) -> None:
+    """The environment variables torchrun sets (``env://`` rendezvous on 127.0.0.1:``port``)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+
+
+def init_rank(rank: int, world_size: int, port: int, timeout: float = 30.0) -> None:
+    """First thing in a rank: one thread (see :func:`run_ranks`), then a gloo process group on ``port``."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank_env(rank, world_size, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+
+
+def finish_rank(*keep_alive: object, destroy: bool = True) -> None:
+    """Last thing in a rank that went well: wait for the others, then destroy the process group.
+
+    The objects given (DDP and FSDP modules, optimizers, ...) are never finalised: see the end of
+    :func:`ddp_worker` for the deadlock that destroying them next to the process group can cause.
+    ``destroy=False`` where a launcher destroys the process group itself (``ignite.distributed.Parallel``).
+    """
+    import torch.distributed as dist
+
+    _KEEP_ALIVE.extend(keep_alive)
+    dist.barrier()
+    time.sleep(0.1)  # lets gloo's threads release their finished work (sleep releases the GIL)
+    if destroy:
+        dist.destroy_process_group()
+
+
+def _session_main(target: Callable[..., None], args: Sequence[object]) -> None:
+    os.setsid()  # a process group of its own: the timeout kills it and everything it started
+    target(*args)
+
+
+def run_session(target: Callable[..., None], args: Sequence[object], timeout: float) -> None:
+    """Run ``target(*args)`` in one forked, non-daemonic process that may start processes of its own.
+
+    For launchers such as ``ignite.distributed.Parallel(nproc_per_node=...)``, which start the ranks
+    themselves and wait for them without a timeout. The process leads a session of its own; on timeout
+    that whole process group (the launcher and its ranks) is killed and ``TimeoutError`` raised;
+    ``RuntimeError`` if it exits with a non-zero code (its traceback is on stderr).
+    """
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    proc = ctx.Process(target=_session_main, args=(target, args), daemon=False)
+    proc.start()
+    try:
+        proc.join(timeout)
+        if proc.is_alive():
+            raise TimeoutError(f"{getattr(target, '__name__', target)} still running after {timeout} s")
+        if proc.exitcode != 0:
+            raise RuntimeError(f"{getattr(target, '__name__', target)} exited with code {proc.exitcode}")
+    finally:
+        if proc.is_alive() or proc.exitcode != 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group led by the process we started
+            proc.join(5)
+
+
+# What a rank may call to communicate, by name in torch.distributed.
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "irecv",
+    "isend",
+    "monitored_barrier",
+    "recv",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "send",
+)
+
+
+@contextlib.contextmanager
+def no_collectives() -> Iterator[None]:
+    """Inside the block, any collective or point-to-point call of ``torch.distributed`` raises.
+
+    Functional collectives (``torch.distributed._functional_collectives``, which DTensor uses) are not
+    caught: to show that nothing communicates, also run the block on one rank only, so that a collective
+    there would find no partner.
+    """
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    saved: list[tuple[object, str, object]] = []
+
+    def forbidden(name: str) -> Callable[..., None]:
+        def call(*args: object, **kwargs: object) -> None:
+            raise AssertionError(f"torch.distributed.{name} called where no communication is expected")
+
+        return call
+
+    for module in (dist, c10d):
+        for name in COLLECTIVES:
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, forbidden(name))
+    try:
+        yield
+    finally:
+        for module, name, fn in reversed(saved):
+            setattr(module, name, fn)
 
 
 def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:

@@ -377,3 +377,20 @@ def test_seed_must_be_a_non_negative_int():
         EMA(nn.Linear(2, 2).to(torch.bfloat16), dtype=torch.bfloat16, stochastic_rounding=True, seed=-1)
     with pytest.raises(TypeError, match="seed"):
         EMA(nn.Linear(2, 2).to(torch.bfloat16), dtype=torch.bfloat16, stochastic_rounding=True, seed=1.5)
+
+
+def test_loading_its_own_state_dict_keeps_the_masters() -> None:
+    """state_dict() holds the live masters; loading it back (as torch.distributed.checkpoint does, in place)
+    must not re-sync them from the bf16 weights first."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(model, momentum=0.01)
+    with torch.no_grad():
+        model.weight.add_(0.3)
+    for _ in range(5):
+        ema.update()
+    before = {k: v.clone() for k, v in ema.state_dict()["master"].items()}
+    ema.load_state_dict(ema.state_dict())
+    for k, v in ema.state_dict()["master"].items():
+        assert torch.equal(v, before[k]), k
+

@@ -20,9 +20,9 @@ from torch.utils.hooks import RemovableHandle
 from polyak.schedules import Schedule, _check_int, _check_momentum, constant
 
 try:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+    DTensor = distribute_tensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["EMA"]
 
@@ -703,29 +703,49 @@ class EMA:
         """All that resuming needs: the EMA tensors, the float32 masters if any, and the counts.
 
         Holds only tensors and plain values, so it loads with ``torch.load(..., weights_only=True)``. The
-        tensors are the live ones (like ``nn.Module.state_dict``); the schedule is a pure function of the
-        count and is not saved.
+        tensors are the live ones (like ``nn.Module.state_dict``), but for the masters of a sharded EMA,
+        which are copies; the schedule is a pure function of the count and is not saved.
         """
         state: dict[str, Any] = {
             "num_updates": self.num_updates,
             "num_skipped": self.num_skipped,
             "ema_model": unwrap_model(self.ema_model).state_dict(),
         }
-        masters = self._master_views()
+        masters = self._master_views(saving=True)
         if masters:
             state["master"] = masters
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
         return state
 
-    def _master_views(self) -> dict[str, Tensor]:
-        """The float32 masters by tensor name; for sharded models, as DTensors sharded like the model's."""
+    def full_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with every tensor whole and on the CPU, for ``torch.save`` on one rank.
+
+        For a sharded (FSDP2) EMA this gathers the shards: a collective, so call it on every rank (each gets
+        the whole state), and save it on one. :meth:`load_state_dict` takes it back on any rank of a run
+        sharded the same way, each rank keeping its shard, masters included (so a bf16 model resumes
+        exactly, which ``set_model_state_dict`` on :attr:`ema_model` alone cannot do).
+        """
+        state = self.state_dict()
+        state["ema_model"] = OrderedDict((k, _whole(v)) for k, v in state["ema_model"].items())
+        if "master" in state:
+            state["master"] = {k: _whole(v) for k, v in state["master"].items()}
+        return state
+
+    def _master_views(self, saving: bool = False) -> dict[str, Tensor]:
+        """The float32 masters by tensor name; for sharded models, as DTensors sharded like the model's.
+
+        ``saving``: the DTensors hold copies, not views into the flat master: torch.save cannot pickle a
+        DTensor whose local tensor starts inside its storage ("invalid python storage", torch 2.13).
+        """
         masters = {}
         for g in self._groups:
             if g.master is None:
                 continue
             for i, (name, view) in enumerate(zip(g.names, g.master.views, strict=True)):
                 if g.online_params is not None:
+                    if saving:
+                        view = view.clone()
                     like = g.online_params[i]
                     view = DTensor.from_local(
                         view, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
@@ -746,10 +766,17 @@ class EMA:
             raise ValueError(f"state_dict lacks {sorted(missing)}; it has {sorted(state_dict)}")
         counts = {key: _plain_count(state_dict, key) for key in ("num_updates", "num_skipped") if key in state_dict}
         module = unwrap_model(self.ema_model)
-        _check_tensors("state_dict['ema_model']", state_dict["ema_model"], module.state_dict())
+        own = module.state_dict()
+        _check_tensors("state_dict['ema_model']", state_dict["ema_model"], own)
+        ema_state = {k: _shard_like(t, own[k]) for k, t in state_dict["ema_model"].items()}
         masters = state_dict.get("master")
         if masters is not None:
-            _check_tensors("state_dict['master']", masters, self._master_views())
+            own_masters = self._master_views()
+            _check_tensors("state_dict['master']", masters, own_masters)
+            # Whole tensors (full_state_dict()) give this rank's shard; and the masters may be our own (a state
+            # dict loaded in place, as torch.distributed.checkpoint does, or ema.load_state_dict(ema.state_dict())),
+            # which loading ema_model re-syncs from the weights below: keep their values first.
+            masters = {k: _shard_like(t, own_masters[k], copy=True) for k, t in masters.items()}
         generator = state_dict.get("generator")
         if generator is not None and self._generator is not None:
             own_state = self._generator.get_state()
@@ -764,7 +791,7 @@ class EMA:
                     f"got {got!r}"
                 )
 
-        module.load_state_dict(state_dict["ema_model"])  # copies into the flat storage; re-syncs masters
+        module.load_state_dict(ema_state)  # copies into the flat storage; re-syncs masters
         if masters is not None:
             with torch.no_grad():
                 own = self._master_views()
@@ -904,6 +931,18 @@ def _swap(a: Tensor, b: Tensor) -> None:
     b.copy_(tmp)
 
 
+def _whole(t: Tensor) -> Tensor:
+    """A copy of ``t`` on the CPU; gathered whole if it is a DTensor (a collective)."""
+    return (t.full_tensor() if _is_dtensor(t) else t).detach().to("cpu", copy=True)
+
+
+def _shard_like(t: Tensor, own: Tensor, copy: bool = False) -> Tensor:
+    """A whole tensor given for a sharded one: this rank's shard of it, sliced here (no communication)."""
+    if _is_dtensor(own) and isinstance(t, Tensor) and not _is_dtensor(t):
+        return distribute_tensor(t.to(own.device), own.device_mesh, own.placements, src_data_rank=None)
+    return t.detach().clone() if copy and isinstance(t, Tensor) else t
+
+
 def _plain_count(state_dict: Mapping[str, Any], key: str) -> int:
     value = state_dict[key]
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
@@ -925,3 +964,13 @@ def _check_tensors(what: str, tensors: object, own: Mapping[str, Tensor]) -> Non
         if not isinstance(t, Tensor) or t.shape != own[name].shape:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{what}[{name!r}] must be a tensor of shape {tuple(own[name].shape)}, got {got}")
+        if _is_dtensor(t) and _is_dtensor(own[name]):
+            mine, theirs = own[name].device_mesh.get_coordinate(), t.device_mesh.get_coordinate()
+            if mine != theirs or t.placements != own[name].placements:
+                raise ValueError(
+                    f"{what}[{name!r}] is the shard of the rank at {theirs} of its mesh, sharded "
+                    f"{tuple(t.placements)}; this rank is at {mine}, sharded {tuple(own[name].placements)}. "
+                    "A sharded EMA's state_dict() holds this rank's shards only: one saved on one rank (ignite's "
+                    "Checkpoint writes rank 0's) cannot be loaded on the others. Save it with "
+                    "torch.distributed.checkpoint (every rank its shards), or whole with full_state_dict()"
+                )

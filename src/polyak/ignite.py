@@ -260,8 +260,15 @@ class EMAHandler:
             state["last_iteration"] = self._last_iteration
         return state
 
+    def full_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with whole tensors on the CPU: see :meth:`polyak.EMA.full_state_dict` (FSDP2)."""
+        state = self.ema.full_state_dict()
+        if self._last_iteration is not None:
+            state["last_iteration"] = self._last_iteration
+        return state
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the warm-up continues where it stopped."""
+        """Restore from :meth:`state_dict` (or :meth:`full_state_dict`); the warm-up continues where it stopped."""
         state = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
         last = state.pop("last_iteration", None) if isinstance(state, dict) else None
         if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
