@@ -21,12 +21,12 @@ demo: install
 	$(PY) -m polyak demo
 
 test: install
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]" "$(TORCH_PIN)"

@@ -59,9 +59,7 @@ def test_signature_is_ignites_and_extras_are_keyword_only():
     assert all(p.kind is p.KEYWORD_ONLY for p in ours.parameters.values() if p.name not in theirs.parameters)
     attach_ours = inspect.signature(EMAHandler.attach).parameters
     attach_theirs = inspect.signature(IgniteEMAHandler.attach).parameters
-    assert [(p.name, p.default) for p in attach_ours.values()] == [
-        (p.name, p.default) for p in attach_theirs.values()
-    ]
+    assert [(p.name, p.default) for p in attach_ours.values()] == [(p.name, p.default) for p in attach_theirs.values()]
 
 
 def test_attributes():
@@ -184,9 +182,7 @@ def test_ignite_defect_name_iteration_is_used_as_momentum():
     assert not torch.allclose(h.ema_model.weight, model.weight, atol=1e-2)
 
 
-@pytest.mark.parametrize(
-    ("name", "error"), [("", ValueError), ("ema momentum", ValueError), (3, ValueError)]
-)
+@pytest.mark.parametrize(("name", "error"), [("", ValueError), ("ema momentum", ValueError), (3, ValueError)])
 def test_bad_names_are_refused(name, error):
     h = EMAHandler(nn.Linear(2, 1))
     with pytest.raises(error, match="name must be a Python identifier"):

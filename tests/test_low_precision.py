@@ -393,4 +393,3 @@ def test_loading_its_own_state_dict_keeps_the_masters() -> None:
     ema.load_state_dict(ema.state_dict())
     for k, v in ema.state_dict()["master"].items():
         assert torch.equal(v, before[k]), k
-
