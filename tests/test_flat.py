@@ -111,6 +111,29 @@ def test_flat_notices_data_reassignment_and_reflattens():
     assert model[0].weight.untyped_storage().data_ptr() == model[3].bias.untyped_storage().data_ptr()
 
 
+def test_flat_notices_a_submodule_moved_and_back():
+    model = net()
+    ema = EMA(model, momentum=0.5, flat=True)
+    model[3].to(torch.float64).to(torch.float32)  # same dtype in the end, new storage
+    with torch.no_grad():
+        model[3].bias.fill_(4.0)
+    start = ema.ema_model[3].bias.clone()
+    ema.update()
+    torch.testing.assert_close(ema.ema_model[3].bias, 0.5 * start + 2.0)
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+
+def test_refresh_after_assigning_one_tensor_by_hand():
+    model = net()
+    ema = EMA(model, momentum=0.5, flat=True)
+    with torch.no_grad():
+        model[0].bias.data = torch.full_like(model[0].bias, 6.0)  # not the module's first tensor
+    ema.refresh()
+    start = ema.ema_model[0].bias.clone()
+    ema.update()
+    torch.testing.assert_close(ema.ema_model[0].bias, 0.5 * start + 3.0)
+
+
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.double(), lambda m: m.to(torch.bfloat16)])
 def test_dtype_conversion_after_construction_is_a_clear_error(flat, convert):

@@ -93,7 +93,10 @@ class _Group:
     rounding: _Buf | None = None  # float32 work buffer of stochastic rounding
     rounding_mask: Tensor | None = None  # int32 mask of a float32's bfloat16 bits, a tensor: no scalar per update
     wait_for: torch.device | None = None  # a CUDA device whose copies must land before the CPU reads them
-    online_ptrs: list[int] = field(default_factory=list)  # flat mode: where the online tensors must point
+    # flat mode: one tensor of each module that owns some (a "canary"), and where it must point. Moving a
+    # module (.to(), .half(), .cuda()) re-allocates all its tensors together, so one per module tells.
+    canaries: list[Tensor] = field(default_factory=list)
+    canary_ptrs: list[int] = field(default_factory=list)
 
     @property
     def acc(self) -> _Buf:
@@ -221,7 +224,9 @@ class EMA:
             parameters stay the same objects (an optimizer built before or after keeps working). If
             something re-allocates them later (``model.to()``, ``model.half()``,
             ``load_state_dict(assign=True)``), the next update notices: it re-flattens, or raises where
-            the dtypes or devices changed.
+            the dtypes or devices changed. (It checks one tensor of each module, at no cost that grows
+            with the model: after assigning a single parameter's ``.data`` by hand, call
+            :meth:`refresh`.)
         ema_model: the module to hold the average, built by you like the model, for models that cannot be
             deep-copied: FSDP2 (``fully_shard``) models, whose EMA module must be sharded the same way (it
             is checked, and starts from the model's values). The EMA then stays sharded: each rank updates
@@ -497,6 +502,14 @@ class EMA:
             c.online = [online[by_ema[id(e)]][0] for e in c.ema]
         self._stale = False
 
+    def refresh(self) -> None:
+        """Pair with the online model's tensors again, re-flattening in flat mode.
+
+        Updates notice on their own when a module of the model is moved or converted, or a tensor is
+        registered anew; call this after replacing a single tensor's ``.data`` by hand.
+        """
+        self._refresh_online()
+
     def _master_from_model(self) -> None:
         with torch.no_grad():
             for g in self._groups:
@@ -553,7 +566,7 @@ class EMA:
         for g in self._groups:
             if g.online_params is not None:
                 self._fetch_local_shards(g)
-            if g.online.flat is not None and list(map(Tensor.data_ptr, g.online.views)) != g.online_ptrs:
+            if g.online.flat is not None and list(map(Tensor.data_ptr, g.canaries)) != g.canary_ptrs:
                 self._refresh_online()
             if g.staging is not None:
                 _copy(g.staging, g.online, non_blocking=g.wait_for is not None)
@@ -902,7 +915,11 @@ def _flatten_online(g: _Group) -> None:
             view.copy_(t)
             t.data = view  # the same Parameter object, now backed by the flat buffer
     g.online.flat = flat
-    g.online_ptrs = list(map(Tensor.data_ptr, views))
+    owners: dict[str, Tensor] = {}
+    for name, t in zip(g.names, views, strict=True):
+        owners.setdefault(name.rpartition(".")[0], t)
+    g.canaries = list(owners.values())
+    g.canary_ptrs = list(map(Tensor.data_ptr, g.canaries))
 
 
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[EMA]] = weakref.WeakKeyDictionary()
