@@ -5,6 +5,16 @@ returns a zero-argument callable that performs exactly one EMA update with ``mom
 online model; ``decay = 1 - momentum`` for the libraries that speak of decay). To add one, decorate such a
 function with :func:`register`; list the modules it imports in ``requires`` so that it is skipped, not
 failed, where they are missing.
+
+Flags of an implementation:
+
+* ``own_model``: it changes the model it is given (polyak's ``flat=True`` makes the parameters views into
+  one buffer), so it gets a freshly built model of its own instead of the one the others share;
+* ``applies``: a predicate on the model; the row is left out of shapes where it is false (the bfloat16
+  modes on a float32 model);
+* ``alternative``: another library's update, a candidate for the "best alternative" of a shape;
+* ``part``: not an EMA update but one step of one (rows labelled "part: ..."), timed in the same rounds so
+  that the targets section can say where the time of a mode goes.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from benchmarks.shapes import floating_tensors
+from benchmarks.shapes import floating_tensors, is_low_precision
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -26,10 +36,17 @@ if TYPE_CHECKING:
 Step = Callable[[], object]
 Setup = Callable[[nn.Module, float], Step]
 
-# Keys of the two ignite rows that the others are compared with.
+# Keys of the rows that others are compared with, or that the targets name.
+FLOOR = "floor"
+FLOOR_NATIVE = "floor-native"
+POLYAK = "polyak-ema"
+POLYAK_FLAT = "polyak-flat"
+POLYAK_BF16 = "polyak-bf16"
+POLYAK_BF16_SR = "polyak-bf16-sr"
 IGNITE_DIRECT = "ignite-direct"
 IGNITE_FIRE = "ignite-fire"
-FLOOR = "floor"
+PART_TO_F32 = "part-to-float32"
+PART_TO_BF16 = "part-to-bf16"
 
 
 @dataclass(frozen=True)
@@ -40,43 +57,50 @@ class Impl:
     setup: Setup
     requires: tuple[str, ...] = ()
     ref: str | None = IGNITE_DIRECT  # the ignite row to compare with
+    own_model: bool = False
+    applies: Callable[[nn.Module], bool] | None = None
+    alternative: bool = False
+    part: bool = False
 
     def missing(self) -> list[str]:
         """The required modules that cannot be imported here."""
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def applies_to(self, model: nn.Module) -> bool:
+        return self.applies is None or self.applies(model)
 
 
 IMPLS: dict[str, Impl] = {}
 
 
 def register(
-    key: str, label: str, what: str, *, requires: tuple[str, ...] = (), ref: str | None = IGNITE_DIRECT
+    key: str,
+    label: str,
+    what: str,
+    *,
+    requires: tuple[str, ...] = (),
+    ref: str | None = IGNITE_DIRECT,
+    own_model: bool = False,
+    applies: Callable[[nn.Module], bool] | None = None,
+    alternative: bool = False,
+    part: bool = False,
 ) -> Callable[[Setup], Setup]:
     def decorator(setup: Setup) -> Setup:
         if key in IMPLS:
             raise ValueError(f"implementation {key!r} registered twice")
-        IMPLS[key] = Impl(key, label, what, setup, requires, ref)
+        IMPLS[key] = Impl(key, label, what, setup, requires, ref, own_model, applies, alternative, part)
         return setup
 
     return decorator
 
 
-# -- the floor -------------------------------------------------------------------------------------------
-@register(
-    FLOOR,
-    "floor: a.lerp_(b, m)",
-    "one lerp_ per dtype on two contiguous tensors holding as many elements as the model's floating "
-    "tensors (read two, write one)",
-    ref=None,
-)
-def _floor(model: nn.Module, momentum: float) -> Step:
-    numel: dict[torch.dtype, int] = {}
-    device = torch.device("cpu")
-    for t in floating_tensors(model):
-        numel[t.dtype] = numel.get(t.dtype, 0) + t.numel()
-        device = t.device
+def _not_float32_only(model: nn.Module) -> bool:
+    return any(t.dtype != torch.float32 for t in floating_tensors(model))
+
+
+def _lerp_pairs(sizes: dict[torch.dtype, int], device: torch.device, momentum: float) -> Step:
     pairs = [
-        (torch.rand(n, device=device).to(dtype), torch.rand(n, device=device).to(dtype)) for dtype, n in numel.items()
+        (torch.rand(n, device=device).to(dtype), torch.rand(n, device=device).to(dtype)) for dtype, n in sizes.items()
     ]
     if len(pairs) == 1:
         a, b = pairs[0]
@@ -89,12 +113,121 @@ def _floor(model: nn.Module, momentum: float) -> Step:
     return step
 
 
+# -- the floor -------------------------------------------------------------------------------------------
+@register(
+    FLOOR,
+    "floor: a.lerp_(b, m), float32",
+    "one lerp_ on two contiguous float32 tensors holding as many elements as the model's floating tensors "
+    "(read two, write one), whatever the model's dtypes: the reference of the **vs floor** column",
+    ref=None,
+)
+def _floor(model: nn.Module, momentum: float) -> Step:
+    tensors = floating_tensors(model)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return _lerp_pairs({torch.float32: sum(t.numel() for t in tensors)}, device, momentum)
+
+
+@register(
+    FLOOR_NATIVE,
+    "floor: a.lerp_(b, m), model's dtypes",
+    "as the float32 floor, but one lerp_ per dtype in the model's own dtypes (shapes that are not all "
+    "float32 only): what an EMA kept in the model's dtype, without a master, cannot beat",
+    ref=None,
+    applies=_not_float32_only,
+)
+def _floor_native(model: nn.Module, momentum: float) -> Step:
+    sizes: dict[torch.dtype, int] = {}
+    device = torch.device("cpu")
+    for t in floating_tensors(model):
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        device = t.device
+    return _lerp_pairs(sizes, device, momentum)
+
+
+# -- parts of an update ---------------------------------------------------------------------------------
+@register(
+    PART_TO_F32,
+    "part: online bf16 -> float32 staging",
+    "torch._foreach_copy_(float32 views of one buffer, the model's bf16 tensors): the first step of an "
+    "update with a float32 master (low-precision shapes only)",
+    ref=None,
+    applies=is_low_precision,
+    part=True,
+)
+def _part_to_f32(model: nn.Module, momentum: float) -> Step:
+    tensors = [t for t in floating_tensors(model) if t.dtype in (torch.bfloat16, torch.float16)]
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=tensors[0].device)
+    views, offset = [], 0
+    for t in tensors:
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return functools.partial(torch._foreach_copy_, views, tensors)
+
+
+@register(
+    PART_TO_BF16,
+    "part: float32 master -> bf16 EMA",
+    "b.copy_(a), a float32 and b bfloat16, contiguous, as many elements as the model's low-precision "
+    "tensors: the last step of an update with a float32 master (low-precision shapes only)",
+    ref=None,
+    applies=is_low_precision,
+    part=True,
+)
+def _part_to_bf16(model: nn.Module, momentum: float) -> Step:
+    tensors = [t for t in floating_tensors(model) if t.dtype in (torch.bfloat16, torch.float16)]
+    n = sum(t.numel() for t in tensors)
+    master = torch.rand(n, device=tensors[0].device)
+    return functools.partial(torch.empty(n, dtype=tensors[0].dtype, device=master.device).copy_, master)
+
+
 # -- polyak ----------------------------------------------------------------------------------------------
-@register("polyak-ema", "polyak.EMA.update()", "EMA(model, momentum=m).update()")
+@register(
+    POLYAK,
+    "polyak EMA (default)",
+    "EMA(model, momentum=m).update(); handle_buffers='copy' (buffers copied); a bfloat16 model is averaged "
+    "in a float32 master",
+)
 def _polyak_ema(model: nn.Module, momentum: float) -> Step:
     from polyak import EMA
 
     return EMA(model, momentum=momentum).update
+
+
+@register(
+    POLYAK_FLAT,
+    "polyak EMA (flat=True)",
+    "EMA(model, momentum=m, flat=True).update(), on a model of its own (flat mode makes the online "
+    "parameters views into one buffer); float32 master for a bfloat16 model",
+    own_model=True,
+)
+def _polyak_flat(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+
+    return EMA(model, momentum=momentum, flat=True).update
+
+
+@register(
+    POLYAK_BF16,
+    "polyak EMA (dtype=bf16)",
+    "EMA(model, momentum=m, dtype=torch.bfloat16).update(): the average kept in bfloat16, no master",
+    applies=is_low_precision,
+)
+def _polyak_bf16(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+
+    return EMA(model, momentum=momentum, dtype=torch.bfloat16).update
+
+
+@register(
+    POLYAK_BF16_SR,
+    "polyak EMA (dtype=bf16, stochastic rounding)",
+    "EMA(model, momentum=m, dtype=torch.bfloat16, stochastic_rounding=True).update()",
+    applies=is_low_precision,
+)
+def _polyak_bf16_sr(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+
+    return EMA(model, momentum=momentum, dtype=torch.bfloat16, stochastic_rounding=True).update
 
 
 def _engine() -> Engine:
@@ -128,8 +261,10 @@ def _polyak_direct(model: nn.Module, momentum: float) -> Step:
 @register(
     IGNITE_DIRECT,
     "ignite EMAHandler (handler call)",
-    "the registered handler called directly: handler._update_ema_model(engine, 'ema_momentum')",
+    "the registered handler called directly: handler._update_ema_model(engine, 'ema_momentum'); "
+    "handle_buffers='copy' (buffers copied), a mul_ and an add_ per tensor",
     requires=("ignite",),
+    alternative=True,
 )
 def _ignite_direct(model: nn.Module, momentum: float) -> Step:
     from ignite.handlers import EMAHandler
@@ -173,8 +308,10 @@ def _ignite_fire(model: nn.Module, momentum: float) -> Step:
 @register(
     "ema-pytorch",
     "ema-pytorch EMA (foreach)",
-    "EMA(model, beta=1-m, update_every=1, update_after_step=0, use_foreach=True).update()",
+    "EMA(model, beta=1-m, update_every=1, update_after_step=0, use_foreach=True).update(); it averages "
+    "floating buffers too",
     requires=("ema_pytorch",),
+    alternative=True,
 )
 def _ema_pytorch(model: nn.Module, momentum: float) -> Step:
     from ema_pytorch import EMA
@@ -187,7 +324,9 @@ def _ema_pytorch(model: nn.Module, momentum: float) -> Step:
 @register(
     "swa-averaged",
     "torch AveragedModel (EMA multi_avg_fn)",
-    "AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1-m), use_buffers=False).update_parameters(model)",
+    "AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1-m), use_buffers=False).update_parameters(model); "
+    "buffers left alone",
+    alternative=True,
 )
 def _averaged_model(model: nn.Module, momentum: float) -> Step:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -200,8 +339,9 @@ def _averaged_model(model: nn.Module, momentum: float) -> Step:
 @register(
     "torch-ema",
     "torch-ema ExponentialMovingAverage",
-    "ExponentialMovingAverage(model.parameters(), decay=1-m).update()",
+    "ExponentialMovingAverage(model.parameters(), decay=1-m).update(); parameters only",
     requires=("torch_ema",),
+    alternative=True,
 )
 def _torch_ema(model: nn.Module, momentum: float) -> Step:
     from torch_ema import ExponentialMovingAverage

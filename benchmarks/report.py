@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import targets as _targets
 from benchmarks.impls import FLOOR, IGNITE_FIRE, IMPLS
 
 OBS_BEGIN = "<!-- observations:begin (kept when the file is regenerated) -->"
@@ -66,26 +67,40 @@ def _fmt_ratio(r: float | None) -> str:
     return "" if r is None else f"{r:.2f}x"
 
 
-def add_ratios(results: list[dict[str, Any]]) -> None:
-    """Give each timed row its ratio to the floor and to its ignite row, on the same shape."""
-    medians = {(r["shape"], r["impl"]): r["timing"]["median_s"] for r in results if r["status"] == "ok"}
-    for r in results:
-        if r["status"] != "ok":
-            continue
+def add_ratios(results: list[dict[str, Any]]) -> dict[str, str]:
+    """Give each timed row its ratios to the float32 floor, to the best alternative and to its ignite row.
+
+    The best alternative of a shape is its fastest row (by median) from another library. Returns it by shape.
+    """
+    ok = [r for r in results if r["status"] == "ok"]
+    medians = {(r["shape"], r["impl"]): r["timing"]["median_s"] for r in ok}
+    best: dict[str, str] = {}
+    for r in ok:
+        if IMPLS[r["impl"]].alternative:
+            current = best.get(r["shape"])
+            if current is None or medians[(r["shape"], r["impl"])] < medians[(r["shape"], current)]:
+                best[r["shape"]] = r["impl"]
+    for r in ok:
         t = r["timing"]["median_s"]
         floor = medians.get((r["shape"], FLOOR))
         r["vs_floor"] = t / floor if floor and r["impl"] != FLOOR else None
+        alt = best.get(r["shape"])
+        r["vs_best_alternative"] = t / medians[(r["shape"], alt)] if alt and IMPLS[r["impl"]].ref is not None else None
         ref = IMPLS[r["impl"]].ref
         base = medians.get((r["shape"], ref)) if ref else None
         r["vs_ignite"] = t / base if base and ref != r["impl"] else None
+    return best
 
 
-def rows(results: list[dict[str, Any]]) -> list[list[str]]:
+def rows(results: list[dict[str, Any]], best: dict[str, str] | None = None) -> list[list[str]]:
+    best = best or {}
     out = []
     for r in results:
         label = IMPLS[r["impl"]].label
+        if best.get(r["shape"]) == r["impl"]:
+            label += " ◆"
         if r["status"] != "ok":
-            out.append([r["shape"], label, f"{r['status']}: {r['reason']}", "", "", "", ""])
+            out.append([r["shape"], label, f"{r['status']}: {r['reason']}", "", "", "", "", ""])
             continue
         t = r["timing"]
         iqr = (t["p75_s"] - t["p25_s"]) / t["median_s"] * 100 if t["median_s"] else 0.0
@@ -100,19 +115,20 @@ def rows(results: list[dict[str, Any]]) -> list[list[str]]:
                 fmt_time(t["min_s"]),
                 f"{iqr:.0f}%",
                 _fmt_ratio(r.get("vs_floor")),
+                _fmt_ratio(r.get("vs_best_alternative")),
                 vs_ignite,
             ]
         )
     return out
 
 
-HEADER = ["shape", "implementation", "median / update", "min", "IQR", "vs floor", "vs ignite"]
+HEADER = ["shape", "implementation", "median / update", "min", "IQR", "vs floor", "vs best other", "vs ignite"]
 
 
-def console_table(results: list[dict[str, Any]]) -> str:
-    body = rows(results)
+def console_table(results: list[dict[str, Any]], best: dict[str, str] | None = None) -> str:
+    body = rows(results, best)
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(HEADER)]
-    right = {2, 3, 4, 5, 6}
+    right = {2, 3, 4, 5, 6, 7}
 
     def line(cells: list[str]) -> str:
         padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
@@ -128,10 +144,10 @@ def console_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---", "---", "--:", "--:", "--:", "--:", "--:"]) + "|"]
+def markdown_table(results: list[dict[str, Any]], best: dict[str, str] | None = None) -> str:
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---", "---", *["--:"] * 6]) + "|"]
     previous = None
-    for row in rows(results):
+    for row in rows(results, best):
         cells = list(row)
         if cells[0] == previous:
             cells[0] = ""
@@ -142,12 +158,59 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+# -- the iteration share --------------------------------------------------------------------------------
+_ITER_ROWS = [
+    ("train", "ignite trainer, no EMA"),
+    ("train+polyak", "ignite trainer + polyak.EMAHandler"),
+    ("train+ignite", "ignite trainer + ignite EMAHandler"),
+    ("update-polyak", "polyak.EMAHandler update alone (handler call)"),
+    ("update-ignite", "ignite EMAHandler update alone (handler call)"),
+]
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+def iteration_lines(it: dict[str, Any], markdown: bool) -> list[str]:
+    """The iteration-share table (per-iteration times) and the shares, as Markdown or console lines."""
+    if "error" in it:
+        return [f"{'' if markdown else '  '}Not measured: {it['error']}"]
+    tm = it["timing"]
+    out = []
+    if markdown:
+        out += ["| what | median / iteration | min |", "|---|--:|--:|"]
+        out += [f"| {label} | {fmt_time(tm[k]['median_s'])} | {fmt_time(tm[k]['min_s'])} |" for k, label in _ITER_ROWS]
+        out += [
+            "",
+            "| EMA's share of an iteration | polyak | ignite |",
+            "|---|--:|--:|",
+            "| by difference: (with - without) / with, medians | "
+            f"{_pct(it['polyak']['share_by_difference'])} | {_pct(it['ignite']['share_by_difference'])} |",
+            "| by difference, mins | "
+            f"{_pct(it['polyak']['share_by_difference_min'])} | {_pct(it['ignite']['share_by_difference_min'])} |",
+            "| direct: update alone / iteration with it, medians | "
+            f"{_pct(it['polyak']['share_direct'])} | {_pct(it['ignite']['share_direct'])} |",
+            f"| direct, mins | {_pct(it['polyak']['share_direct_min'])} | {_pct(it['ignite']['share_direct_min'])} |",
+        ]
+    else:
+        width = max(len(label) for _, label in _ITER_ROWS)
+        out += [
+            f"  {label:<{width}}  {fmt_time(tm[k]['median_s']):>10}  (min {fmt_time(tm[k]['min_s'])})"
+            for k, label in _ITER_ROWS
+        ]
+        for which in ("polyak", "ignite"):
+            s = it[which]
+            out.append(
+                f"  {which} EMA share: {_pct(s['share_direct'])} direct (update / iteration), "
+                f"{_pct(s['share_by_difference'])} by difference of medians"
+            )
+    return out
+
+
 # -- files -----------------------------------------------------------------------------------------------
-def write_json(
-    path: Path, env: dict[str, Any], config: dict[str, Any], shapes: list[dict[str, Any]], results: list[dict[str, Any]]
-) -> None:
-    payload = {"environment": env, "config": config, "shapes": shapes, "results": results}
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def write_json(path: Path, run: dict[str, Any]) -> None:
+    path.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _kept_observations(path: Path) -> str:
@@ -158,57 +221,110 @@ def _kept_observations(path: Path) -> str:
     return _DEFAULT_OBS
 
 
-def _load_note(env: dict[str, Any], shapes: list[dict[str, Any]]) -> list[str]:
-    loads = [s[k] for s in shapes for k in ("loadavg_before", "loadavg_after") if s.get(k) is not None]
-    if not loads:
-        return []
-    line = f"- 1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f}"
-    cores = env.get("cpu_count") or 0
-    if cores and max(loads) > 0.5 * cores:
-        line += (
-            f" on {cores} cores: **the machine was busy with other work**, so the timings are noisy, "
-            "multi-threaded kernels most (a parallel region waits for its slowest thread)"
+def loads(run: dict[str, Any]) -> list[float]:
+    """Every 1-minute load average read during the run."""
+    sections = [*run["shapes"], *([run["iteration"]] if run.get("iteration") else [])]
+    out = [s[k] for s in sections for k in ("loadavg_before", "loadavg_after") if s.get(k) is not None]
+    return out + [x for x in (run["environment"].get("loadavg_start"), run["config"].get("loadavg_end")) if x]
+
+
+def other_loads(run: dict[str, Any]) -> dict[str, float]:
+    """CPU (in cores) that other processes took while each shape was timed, by shape key."""
+    sections = [*run["shapes"], *([{"key": "iteration", **run["iteration"]}] if run.get("iteration") else [])]
+    return {s["key"]: s["other_load_cores"] for s in sections if s.get("other_load_cores") is not None}
+
+
+def load_summary(run: dict[str, Any]) -> str:
+    seen, other = loads(run), other_loads(run)
+    out = f"1-minute load average {min(seen):.1f} to {max(seen):.1f} (this run's own threads included)" if seen else ""
+    if other:
+        out += (
+            f"; other processes took {min(other.values()):.2f} to {max(other.values()):.2f} cores "
+            f"of {run['environment'].get('cpu_count')} while timing"
         )
-    return [line + "."]
+    return out + "."
 
 
-def write_markdown(
-    path: Path, env: dict[str, Any], config: dict[str, Any], shapes: list[dict[str, Any]], results: list[dict[str, Any]]
-) -> None:
+def _load_note(run: dict[str, Any]) -> list[str]:
+    other = other_loads(run)
+    seen = loads(run)
+    if not other and not seen:
+        return []
+    env = run["environment"]
+    cores = env.get("cpu_count") or 0
+    lines = []
+    if other:
+        busiest = max(other.values())
+        line = (
+            "- CPU time taken by **other processes** while each shape was timed (the machine's busy time less "
+            "this run's, from `/proc/stat`), in cores of "
+            f"{cores}: " + ", ".join(f"{k} {v:.2f}" for k, v in other.items())
+        )
+        if cores and busiest > 0.25 * cores:
+            line += (
+                ". **The machine was shared** part of the time: with 2 threads on 2 cores, a multi-threaded "
+                "kernel waits for a descheduled thread, so medians of those rows (the floors first) are "
+                "noisy; the **min** column is the steadier one"
+            )
+        else:
+            line += ": a quiet machine"
+        lines.append(line + ".")
+    if seen:
+        lines.append(
+            f"- 1-minute load average read before and after each shape: {min(seen):.1f} to {max(seen):.1f} "
+            "(it counts this run's own threads, up to 2)."
+        )
+    return lines
+
+
+def write_markdown(path: Path, run: dict[str, Any]) -> None:
     observations = _kept_observations(path)
+    env, config, shapes, results = run["environment"], run["config"], run["shapes"], run["results"]
+    best = run.get("best_alternative", {})
     v = env["versions"]
     others = ", ".join(f"{d} {v[d]}" for d in ("ema-pytorch", "torch-ema") if v.get(d)) or "none installed"
     used = [k for k in IMPLS if any(r["impl"] == k for r in results)]
     lines = [
         "# Benchmarks: one EMA update",
         "",
-        "The time of **one EMA update** (fold the online weights into the averaged ones) for polyak, "
-        "pytorch-ignite's `EMAHandler` and, where installed, other EMA libraries, on a few model shapes. "
-        "Generated by `python -m benchmarks`; raw numbers in `benchmarks/results.json`.",
+        "The time of **one EMA update** (fold the online weights into the averaged ones) for polyak's `EMA` in "
+        "each of its modes, pytorch-ignite's `EMAHandler`, ema-pytorch, torch's `AveragedModel` and torch-ema, "
+        "on a few model shapes, all in the same run; then the share of an ignite training iteration that the "
+        "EMA takes. Generated by `python -m benchmarks` (`make bench`); raw numbers in "
+        "`benchmarks/results.json`.",
         "",
-        "**The floor** is one `a.lerp_(b, m)` on two contiguous float32 tensors with as many elements as the "
+        "**The floor** is one `a.lerp_(b, m)` on two contiguous **float32** tensors with as many elements as the "
         "model's floating tensors: the memory traffic an EMA update cannot avoid (read two, write one) in a "
-        "single kernel call. Nothing that averages the same number of elements can do much better on this "
-        "machine; the gap to it is per-tensor and Python overhead, or extra passes over memory.",
+        "single kernel call. The gap to it is per-tensor and Python overhead, or extra passes over memory. For "
+        "the bfloat16 shape the float32 floor stays the reference (an EMA with a float32 master has float32 "
+        "traffic at least); a bfloat16 floor is shown beside it.",
         "",
         "## How it was measured",
         "",
-        "- All implementations of one shape are built around the same online model, then timed "
-        "**interleaved**: each round takes one sample of every implementation, in a shuffled order, so "
-        "that load from elsewhere on the machine hits every row alike.",
+        "- The implementations of one shape are built around the same online model (each keeps its own EMA "
+        "copy), except polyak's `flat=True`, which makes the model's parameters views into one buffer: it gets "
+        "a freshly built model of its own. Then they are timed **interleaved**: each round takes one sample of "
+        "every implementation, in a shuffled order, so that load from elsewhere on the machine hits every row "
+        "alike.",
         f"- Per implementation: a warm-up (at least {config['min_warmup_calls']} calls and "
         f"{config['warmup_s']:g} s), then samples timed with `time.perf_counter`; fast updates are timed "
         f"in batches of back-to-back calls so that a sample lasts at least {config['min_sample_s'] * 1e6:g} µs. "
         f"Rounds go on until {config['budget_s']:g} s per implementation have passed and every row has at "
-        f"least {config['min_samples']} samples. The garbage collector is off while timing.",
+        f"least {config['min_samples']} samples. The garbage collector is off while timing. Slower calls are "
+        "timed one per sample: a call repeated back to back finds its data in cache, which on a shape that "
+        "fits in the L3 cache (many-small, 16 MiB with its EMA) would favour the rows fast enough to be "
+        "repeated; one call per sample, after the other rows of the round, runs cold, as an EMA update does "
+        "after a training step.",
         "- **median** is the median time per update (the ratios are of medians); **min** the fastest "
         "sample, the least disturbed by other load; **IQR** the interquartile range over the median, a "
         "gauge of noise.",
+        "- **vs floor**: over the float32 floor. **vs best other**: over the fastest of the other libraries' "
+        "rows on the same shape (marked ◆; ignite's handler call, ema-pytorch, `AveragedModel`, torch-ema). "
+        "**vs ignite**: over ignite's handler timed the same way, its direct handler call or, for rows "
+        "marked †, firing the engine event.",
         f"- Momentum (weight of the online model) {config['momentum']:g}, i.e. decay "
         f"{1 - config['momentum']:g}. The online weights do not change between updates; the work does not "
         "depend on their values.",
-        "- **vs ignite** compares with ignite's handler timed the same way: its direct handler call, "
-        "or, for rows marked †, firing the engine event.",
         *(["- **Quick mode**: shorter budgets, noisier numbers."] if config.get("quick") else []),
         "",
         "Machine and software:",
@@ -217,14 +333,20 @@ def write_markdown(
         f"{env['torch_threads']}, ATen CPU capability: {env['cpu_capability']}); no GPU.",
         f"- Python {env['python']}, torch {v.get('torch')}, pytorch-ignite {v.get('pytorch-ignite')}, "
         f"polyak {v.get('polyak')}; other libraries: {others}.",
-        f"- Date: {env['date_utc']}.",
-        *_load_note(env, shapes),
+        f"- Date: {env['date_utc']}; the whole run took {config.get('elapsed_s', 0):.0f} s"
+        + (
+            f", with `--wait-quiet {config['wait_quiet_s']:g}` (before each shape, up to that many seconds "
+            "of waiting for 3 s in which other processes took under 0.2 cores)."
+            if config.get("wait_quiet_s")
+            else "."
+        ),
+        *_load_note(run),
         "",
         "Shapes:",
         "",
         *(
-            f"- **{s['key']}**: {s['title']}; {s['tensors']} floating tensors, {s['numel']:,} elements "
-            f"({s['bytes'] / 2**20:.1f} MiB)."
+            f"- **{s['key']}**: {s['title']}; {s['tensors']} floating tensors ({', '.join(s['dtypes'])}), "
+            f"{s['numel']:,} elements ({s['bytes'] / 2**20:.1f} MiB)."
             for s in shapes
         ),
         "",
@@ -232,12 +354,48 @@ def write_markdown(
         "",
         *(f"- {IMPLS[k].label}: {IMPLS[k].what}." for k in used),
         "",
+        "On a bfloat16 model the other libraries keep their EMA in bfloat16, without a master: the polyak "
+        "row to compare them with there is `dtype=bf16`."
+        + "".join(
+            f" The libraries treat buffers differently; {s['key']}'s floating buffers are "
+            f"{s['buffer_elements'] / s['numel']:.1%} of its elements."
+            for s in shapes
+            if s.get("buffer_elements")
+        ),
+        "",
         "## Results",
         "",
-        markdown_table(results),
+        markdown_table(results, best),
         "",
-        "† compared with ignite's engine-event row.",
+        "◆ the best alternative of the shape. † compared with ignite's engine-event row.",
         "",
+        "## Targets",
+        "",
+        "Generated from the table above (medians; the min column for comparison). A ratio is over the float32 "
+        "floor of the same shape.",
+        "",
+        *_targets.markdown(run.get("targets", [])),
+        "",
+    ]
+    it = run.get("iteration")
+    if it:
+        lines += [
+            "## The EMA's share of a training iteration",
+            "",
+            f"The demo's model (`polyak.demo.make_model`, {it.get('parameters', 0):,} parameters) trained by an "
+            "ignite "
+            f"`create_supervised_trainer` (forward, cross-entropy, backward, SGD with momentum) on batches of "
+            f"{it.get('batch_size', 0)} random 1x8x8 images, without an EMA and with each library's `EMAHandler` "
+            "(the demo's settings: momentum 0.02, warm-up from 0.5 over 100 updates). Each trainer has its "
+            f"own model; a sample is one `trainer.run` of {it.get('iterations_per_sample', 0)} iterations; the "
+            "handlers' update alone is timed in the same interleaved rounds. The difference of two "
+            "iteration medians is noisier than the EMA's share itself (it can come out negative): read the "
+            "direct lines.",
+            "",
+            *iteration_lines(it, markdown=True),
+            "",
+        ]
+    lines += [
         "## Observations",
         "",
         OBS_BEGIN,

@@ -59,14 +59,16 @@ def measure_interleaved(
     min_warmup_calls: int = 3,
     min_samples: int = 7,
     max_samples: int = 5000,
-    min_sample_s: float = 2e-4,
+    min_sample_s: float = 5e-5,
     seed: int = 0,
 ) -> tuple[dict[str, Timing], dict[str, BaseException]]:
     """Time every callable of ``steps`` with :func:`time.perf_counter`; returns (timings, errors) by key.
 
     Warm-up, for each callable: at least ``min_warmup_calls`` calls and ``warmup_s`` seconds. It also sets
     ``loops``, the number of back-to-back calls in one sample, so that a sample lasts at least
-    ``min_sample_s`` (fast calls are not drowned by the timer's own cost). Then rounds of one sample per
+    ``min_sample_s`` (fast calls are not drowned by the timer's own cost). Keep it small: a repeated call
+    finds its data in cache, so batching a call of a few hundred µs on a cache-sized shape would time it
+    warm while slower rows, not batched, run cold. Then rounds of one sample per
     callable, in a shuffled order, until ``budget_s * len(steps)`` seconds have passed and there are at
     least ``min_samples`` rounds, or ``max_samples`` rounds. The garbage collector is off while timing, as
     in :mod:`timeit`. A callable that raises is dropped and its exception returned.
