@@ -207,6 +207,37 @@ def _polyak_flat(model: nn.Module, momentum: float) -> Step:
 
 
 @register(
+    "polyak-compile",
+    "polyak EMA (compile=True)",
+    "EMA(model, momentum=m, compile=True).update(): the master's update as one torch.compile'd kernel "
+    "(staging copy, then the kernel); compiled before timing",
+    applies=is_low_precision,
+)
+def _polyak_compile(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+
+    ema = EMA(model, momentum=momentum, compile=True)
+    ema.update()  # compile outside the timed calls
+    return ema.update
+
+
+@register(
+    "polyak-flat-compile",
+    "polyak EMA (flat=True, compile=True)",
+    "EMA(model, momentum=m, flat=True, compile=True).update(), on a model of its own: one torch.compile'd "
+    "kernel reads the online values and the master and writes the master and the EMA",
+    own_model=True,
+    applies=is_low_precision,
+)
+def _polyak_flat_compile(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+
+    ema = EMA(model, momentum=momentum, flat=True, compile=True)
+    ema.update()
+    return ema.update
+
+
+@register(
     POLYAK_BF16,
     "polyak EMA (dtype=bf16)",
     "EMA(model, momentum=m, dtype=torch.bfloat16).update(): the average kept in bfloat16, no master",

@@ -53,7 +53,7 @@ class EMAHandler:
             model in train mode and leaves its buffers alone.
         schedule: keyword-only; any callable ``k -> momentum`` of the 1-based update index (see
             :mod:`polyak.schedules`), instead of ``momentum``/``momentum_warmup``/``warmup_iters``.
-        dtype, stochastic_rounding, seed, skip_nonfinite, device, flat: keyword-only; passed to
+        dtype, stochastic_rounding, seed, skip_nonfinite, device, flat, compile: keyword-only; passed to
             :class:`~polyak.EMA` (float32 masters for low-precision models by default, and so on).
         ema_model: keyword-only; the module to hold the average where the model cannot be deep-copied
             (FSDP2: build and shard it like the model); see :class:`~polyak.EMA`.
@@ -115,6 +115,7 @@ class EMAHandler:
         device: torch.device | str | None = None,
         flat: bool = False,
         ema_model: nn.Module | None = None,
+        compile: bool = False,
     ) -> None:
         try:
             momentum = _check_momentum("momentum", momentum)
@@ -156,6 +157,7 @@ class EMAHandler:
             device=device,
             flat=flat,
             ema_model=ema_model,
+            compile=compile,
         )
         # engine.state.iteration at the last update, for per_step; saved, so a resumed run counts on
         self._last_iteration: int | None = None

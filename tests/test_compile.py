@@ -1,0 +1,78 @@
+"""compile=True: one generated kernel per group for low-precision models with a float32 master."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from polyak import EMA, EMAHandler
+from polyak import ema as ema_module
+from polyak.schedules import linear_warmup
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).to(torch.bfloat16)
+
+
+def run(ema: EMA, steps: int = 12) -> None:
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in ema.model.parameters():
+                p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+        ema.update()
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_compiled_update_matches_the_eager_one(flat):
+    schedule = linear_warmup(0.5, 0.01, 5)
+    eager = EMA(net(), schedule=schedule, flat=flat)
+    compiled = EMA(net(), schedule=schedule, flat=flat, compile=True)
+    assert all(g.fused for g in compiled._groups)
+    run(eager)
+    run(compiled)
+    assert compiled.num_updates == eager.num_updates == 12
+    for k, a in compiled.state_dict()["master"].items():
+        b = eager.state_dict()["master"][k]
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # the generated kernel may round differently
+    for (k, a), b in zip(
+        compiled.ema_model.state_dict().items(), eager.ema_model.state_dict().values(), strict=True
+    ):
+        if a.is_floating_point():
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)  # within a bf16 ulp
+        else:
+            assert torch.equal(a, b), k
+    for k, a in compiled.ema_model.state_dict().items():  # ema_model is the master, rounded
+        if k in compiled.state_dict()["master"]:
+            assert torch.equal(a, compiled.state_dict()["master"][k].to(a.dtype)), k
+
+
+def test_flat_compiled_update_needs_no_staging_buffer():
+    ema = EMA(net(), flat=True, compile=True)
+    assert all(g.staging is None for g in ema._groups)
+
+
+def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken(numel):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(ema_module, "_compiled_master_update", broken)
+    eager = EMA(net(), momentum=0.1, flat=True)
+    compiled = EMA(net(), momentum=0.1, flat=True, compile=True)
+    run(eager, 1)
+    with pytest.warns(RuntimeWarning, match="could not compile its update"):
+        run(compiled, 1)
+    run(eager, 3)
+    run(compiled, 3)
+    assert not any(g.fused for g in compiled._groups)
+    for k, a in compiled.state_dict()["master"].items():
+        assert torch.equal(a, eager.state_dict()["master"][k]), k
+
+
+def test_handler_passes_compile_through():
+    assert EMAHandler(net(), compile=True).ema.compile
