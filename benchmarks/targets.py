@@ -115,8 +115,13 @@ def _why_bf16(results: Results, shapes: dict[str, dict[str, Any]]) -> str:
         ". Eager torch cannot fuse them on CPU (a mixed-dtype `master.add_(bf16, alpha=m)` is far slower than "
         "the conversion it would save). What would close it: one fused kernel that reads the bf16 online "
         "values and the master and writes the master and the bf16 EMA: 12 bytes per element, the floor's "
-        "traffic; `torch.compile` generates one (see the observations)"
+        "traffic. polyak has it as an option: `EMA(model, flat=True, compile=True)` runs the update as one "
+        "`torch.compile`d kernel"
     )
+    fused = results.get((shape, "polyak-flat-compile"))
+    if fused is not None:
+        line += f" ({_ratio(fused, floor)} in this run)"
+    line += "; it is not the default because it needs a compiler and the first update pays seconds of compilation"
     bf16 = results.get((shape, POLYAK_BF16))
     if bf16 is not None:
         line += f"; or giving up the master with `dtype=torch.bfloat16` ({_ratio(bf16, floor)}"
