@@ -577,8 +577,8 @@ class EMA:
         self.num_updates = k
         return m
 
-    def _fold(self, m: float, k: int) -> bool:
-        """The fused update itself; False where ``skip_nonfinite`` skipped it."""
+    def _stage(self) -> None:
+        """Bring the online values to where the update reads them: re-pair if needed, then staging copies."""
         if self._stale:
             self._refresh_online()
         for g in self._groups:
@@ -590,15 +590,25 @@ class EMA:
                 _copy(g.staging, g.online, non_blocking=g.wait_for is not None)
                 if g.wait_for is not None:
                     torch.cuda.current_stream(g.wait_for).synchronize()
-        if self.skip_nonfinite and not self._online_is_finite():
-            self.num_skipped += 1
-            if self.num_skipped == 1:
-                warnings.warn(
-                    f"skipped EMA update {k}: the online model holds NaN or Inf (counted in EMA.num_skipped; "
-                    "this warning is shown once)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+
+    def _skips(self, k: int) -> bool:
+        """``skip_nonfinite``: whether update ``k`` is skipped (counted, and warned about once)."""
+        if not self.skip_nonfinite or self._online_is_finite():
+            return False
+        self.num_skipped += 1
+        if self.num_skipped == 1:
+            warnings.warn(
+                f"skipped EMA update {k}: the online model holds NaN or Inf (counted in EMA.num_skipped; "
+                "this warning is shown once)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return True
+
+    def _fold(self, m: float, k: int) -> bool:
+        """The fused update itself; False where ``skip_nonfinite`` skipped it."""
+        self._stage()
+        if self._skips(k):
             return False
         try:
             for g in self._groups:
@@ -911,24 +921,13 @@ class _Together:
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            for e in emas:
+            for e in emas[1:]:
                 if e._stale:
                     e._refresh_online()
-            for g in first._groups:
-                if g.staging is not None:
-                    _copy(g.staging, g.online, non_blocking=g.wait_for is not None)
-                    if g.wait_for is not None:
-                        torch.cuda.current_stream(g.wait_for).synchronize()
-            if first.skip_nonfinite and not first._online_is_finite():
-                for e in emas:
+            first._stage()  # once for all: the others read the first one's staging buffers
+            if first._skips(ks[0]):
+                for e in emas[1:]:
                     e.num_skipped += 1
-                if first.num_skipped == 1:
-                    warnings.warn(
-                        f"skipped EMA update {ks[0]}: the online model holds NaN or Inf (counted in "
-                        "EMA.num_skipped; this warning is shown once)",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
                 return [0.0] * len(emas)
             for i, (g, n) in enumerate(zip(first._groups, self.sizes, strict=True)):
                 source = (g.staging if g.staging is not None else g.online).views
