@@ -199,7 +199,7 @@ def no_collectives() -> Iterator[None]:
             setattr(module, name, fn)
 
 
-def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def ddp_worker(rank: int, world_size: int, port: int, out_dir: str, flat: bool = False) -> None:
     """One DDP rank: same seeded model, its own data, a few SGD steps in an ignite Engine with EMAHandler.
 
     Writes ``rank{rank}.pt`` with the initial weights, the online weights after every step, the momentum
@@ -242,7 +242,7 @@ def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
         trainer = Engine(step)
         handler = EMAHandler(
-            ddp, momentum=DDP_MOMENTUM, momentum_warmup=DDP_MOMENTUM_WARMUP, warmup_iters=DDP_WARMUP_ITERS
+            ddp, momentum=DDP_MOMENTUM, momentum_warmup=DDP_MOMENTUM_WARMUP, warmup_iters=DDP_WARMUP_ITERS, flat=flat
         )
         handler.attach(trainer)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: momenta.append(e.state.ema_momentum))
@@ -254,6 +254,7 @@ def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             "momenta": momenta,
             "ema": {k: v.detach().clone() for k, v in handler.ema_model.state_dict().items()},
             "num_updates": handler.ema.num_updates,
+            "online_storages": len({p.untyped_storage().data_ptr() for p in ddp.module.parameters()}),
             "model_is_module": handler.model is ddp.module,
             "ema_model_type": type(handler.ema_model).__name__,
             "ema_model_training": handler.ema_model.training,

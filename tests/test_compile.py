@@ -37,9 +37,7 @@ def test_compiled_update_matches_the_eager_one(flat):
     for k, a in compiled.state_dict()["master"].items():
         b = eager.state_dict()["master"][k]
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # the generated kernel may round differently
-    for (k, a), b in zip(
-        compiled.ema_model.state_dict().items(), eager.ema_model.state_dict().values(), strict=True
-    ):
+    for (k, a), b in zip(compiled.ema_model.state_dict().items(), eager.ema_model.state_dict().values(), strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)  # within a bf16 ulp
         else:

@@ -128,7 +128,8 @@ def _require_gloo() -> None:
         pytest.skip("torch.distributed with the gloo backend is not available")
 
 
-def test_ddp_two_gloo_ranks_average_model_module_identically(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flat", [False, True], ids=["default", "flat"])
+def test_ddp_two_gloo_ranks_average_model_module_identically(tmp_path: Path, flat: bool) -> None:
     _require_gloo()
     from _dist import (
         DDP_MOMENTUM,
@@ -140,8 +141,10 @@ def test_ddp_two_gloo_ranks_average_model_module_identically(tmp_path: Path) -> 
         run_ranks,
     )
 
-    run_ranks(ddp_worker, nprocs=2, args=(2, free_port(), str(tmp_path)), timeout=120)
+    run_ranks(ddp_worker, nprocs=2, args=(2, free_port(), str(tmp_path), flat), timeout=120)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for r in (r0, r1):  # flat mode: the DDP model's parameters are views of one buffer, and DDP trains on
+        assert r["online_storages"] == (1 if flat else 4)
 
     for r in (r0, r1):
         assert r["model_is_module"] is True  # the handler averages ddp.module
