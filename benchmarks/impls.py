@@ -207,6 +207,18 @@ def _polyak_flat(model: nn.Module, momentum: float) -> Step:
 
 
 @register(
+    "polyak-skip-nonfinite",
+    "polyak EMA (skip_nonfinite=True)",
+    "EMA(model, momentum=m, skip_nonfinite=True).update(): a max-abs reduction over the online values and a "
+    "host synchronisation before the update, to skip updates with NaN or Inf",
+)
+def _polyak_skip_nonfinite(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+
+    return EMA(model, momentum=momentum, skip_nonfinite=True).update
+
+
+@register(
     "polyak-compile",
     "polyak EMA (compile=True)",
     "EMA(model, momentum=m, compile=True).update(): the master's update as one torch.compile'd kernel "

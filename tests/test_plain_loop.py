@@ -190,3 +190,21 @@ def test_cuda_update_matches_cpu():
         cpu.update()
     for a, b in zip(ema.ema_model.state_dict().values(), cpu.ema_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kwargs", "big"),
+    [
+        (torch.float16, {"dtype": torch.float16}, 60000.0),  # a list: its fp16 2-norm overflows
+        (torch.float32, {"flat": True}, 3e38),  # a flat buffer: its float32 sum overflows
+    ],
+)
+def test_skip_nonfinite_does_not_skip_large_finite_values(dtype, kwargs, big):
+    model = nn.Linear(4, 4).to(dtype)
+    with torch.no_grad():
+        model.weight.fill_(big)
+    ema = EMA(model, momentum=0.5, skip_nonfinite=True, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ema.update() == 0.5
+    assert ema.num_skipped == 0

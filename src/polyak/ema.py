@@ -662,15 +662,30 @@ class EMA:
         _copy(g.acc, g.rounding)
 
     def _online_is_finite(self) -> bool:
-        worst = []
-        for g in self._groups:
+        """Whether every averaged online value is finite.
+
+        A sum (a flat buffer) or a 2-norm (a list) carries any NaN or Inf into its result and runs at memory
+        speed; only where it is not finite (a non-finite value, or a finite sum that overflowed) does an exact
+        check decide. A max-abs norm would decide alone, but runs ~8x slower than the update on the CPU.
+        """
+
+        def probe(g: _Group, exact: bool) -> Tensor:
             source = g.staging if g.staging is not None else g.online
             if source.flat is not None:
-                worst.append(torch.linalg.vector_norm(source.flat, ord=float("inf")).to("cpu", torch.float32))
-            else:
-                norms = torch._foreach_norm(source.views, ord=float("inf"))
-                worst.append(torch.stack(norms).max().to("cpu", torch.float32))
-        finite = torch.stack(worst).isfinite().all() if worst else torch.tensor(True)
+                if exact:
+                    return torch.isfinite(source.flat).all()
+                wide = torch.float64 if source.flat.dtype == torch.float64 else torch.float32
+                return torch.isfinite(source.flat.sum(dtype=wide))
+            norms = torch._foreach_norm(source.views, ord=float("inf") if exact else 2)
+            return torch.isfinite(torch.stack(norms)).all()
+
+        def all_finite(exact: bool) -> Tensor:
+            flags = [probe(g, exact).to("cpu") for g in self._groups]
+            return torch.stack(flags).all() if flags else torch.tensor(True)
+
+        finite = all_finite(exact=False)
+        if not finite:
+            finite = all_finite(exact=True)
         if any(g.online_params is not None for g in self._groups) and torch.distributed.is_initialized():
             # each rank sees only its shard: all must agree, or their EMAs would part ways
             flag = finite.to(torch.int32)
