@@ -102,6 +102,12 @@ class _Group:
     # a changing momentum does not recompile
     fused: bool = False
     weight: Tensor | None = None
+    simple: bool = False  # one _foreach_lerp_ of the online tensors into the EMA's is all the update
+
+    @property
+    def staged(self) -> bool:
+        """Whether the update has work to do before the lerp (fetch shards, check flat views, stage)."""
+        return self.online_params is not None or self.online.flat is not None or self.staging is not None
 
     @property
     def acc(self) -> _Buf:
@@ -349,6 +355,7 @@ class EMA:
         self.ema_model.train(handle_buffers == "ema_train")
         self._groups, self._copies = self._build_groups(own_storage=ema_model is None)
         self._stale = False
+        self._staged = any(g.staged for g in self._groups)
         _watch(self)
         if any(g.master is not None for g in self._groups):
             # Whoever loads weights into ema_model directly (ignite's to_load={"ema_model": ...}) must not
@@ -489,6 +496,7 @@ class EMA:
             g.weight = torch.zeros((), dtype=acc_dtype, device=device)
             if g.online.flat is not None and device == online_device:
                 g.staging = None  # the kernel reads the online values as they are
+        g.simple = g.master is None and g.rounding is None and not g.staged
         return g
 
     def _refresh_online(self) -> None:
@@ -607,11 +615,15 @@ class EMA:
 
     def _fold(self, m: float, k: int) -> bool:
         """The fused update itself; False where ``skip_nonfinite`` skipped it."""
-        self._stage()
-        if self._skips(k):
+        if self._stale or self._staged:
+            self._stage()
+        if self.skip_nonfinite and self._skips(k):
             return False
         try:
             for g in self._groups:
+                if g.simple:  # the common case, as directly as it goes: it is all of a small model's update
+                    torch._foreach_lerp_(g.ema.views, g.online.views, m)
+                    continue
                 if g.fused and self._fused_update(g, m):
                     continue
                 if g.rounding is not None:
@@ -643,6 +655,7 @@ class EMA:
                 stacklevel=4,
             )
             g.fused = False
+            self._staged = True
             if g.staging is None:
                 g.staging = _Buf.empty_like(g.ema.views, g.master.flat.dtype, g.master.flat.device)
                 _copy(g.staging, g.online)
