@@ -468,13 +468,14 @@ class EMA:
             online_device,
             dtype,
             names,
-            ema=_Buf(list(map(_local_tensor, ema_tensors)) if sharded else ema_tensors, ema_flat),
+            ema=_Buf(
+                list(map(_local_tensor, ema_tensors)) if sharded else ema_tensors,
+                ema_flat[:n] if ema_flat is not None else None,  # the averaged span: they come first
+            ),
             online=_Buf(list(map(_local_tensor, online_tensors)) if sharded else online_tensors),
             ema_params=ema_tensors if sharded else None,
             online_params=online_tensors if sharded else None,
         )
-        if ema_flat is not None:
-            g.ema.flat = ema_flat[:n]
         device = g.ema.views[0].device
         acc_dtype = self._accumulator_dtype(dtype)
         if acc_dtype != dtype:
