@@ -68,10 +68,10 @@ def test_attributes():
     assert h.model is model
     assert isinstance(h.ema_model, nn.Sequential) and h.ema_model is not model
     assert h.momentum == 0.01 and h.handle_buffers == "copy"
-    assert h.momentum_scheduler(1) == h.momentum_scheduler(10**6) == 0.01
+    assert h.ema.momentum_at(1) == h.ema.momentum_at(10**6) == 0.01 and h._momentum_lambda_obj is None
     assert not h.ema_model.training
     w = EMAHandler(model, momentum=0.01, momentum_warmup=0.1, warmup_iters=3, handle_buffers="ema_train")
-    assert [w.momentum_scheduler(k) for k in (1, 2, 3, 4)] == pytest.approx([0.1, 0.055, 0.01, 0.01])
+    assert [w._momentum_lambda_obj(k) for k in (1, 2, 3, 4)] == pytest.approx([0.1, 0.055, 0.01, 0.01])
     assert w.ema_model.training
 
 
@@ -85,7 +85,7 @@ def test_update_matches_hand_computed_ema_and_state_holds_momentum():
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def reference(engine):  # runs after the handler, attached first
-        m = h.momentum_scheduler(engine.state.iteration)
+        m = h._momentum_lambda_obj(engine.state.iteration)
         momenta.append(m)
         for r, p in zip(ref, model.parameters(), strict=True):
             r.mul_(1 - m).add_(p.detach(), alpha=m)
@@ -242,7 +242,8 @@ def test_schedule_keyword_and_state_momentum():
         ({"momentum": "0.1"}, ValueError, "^Invalid momentum: '0.1'"),
         ({"momentum_warmup": 0.1}, ValueError, "momentum_warmup and warmup_iters go together"),
         ({"warmup_iters": 10}, ValueError, "momentum_warmup and warmup_iters go together"),
-        ({"momentum_warmup": 0.1, "warmup_iters": 0}, ValueError, "warmup_iters must be >= 1, got 0"),
+        ({"momentum_warmup": 0.1, "warmup_iters": -1}, ValueError, "warmup_iters must be >= 0, got -1"),
+        ({"momentum_warmup": 0.1, "warmup_iters": 2.5}, TypeError, "warmup_iters must be an int, got 2.5"),
         ({"momentum_warmup": 1.5, "warmup_iters": 10}, ValueError, r"momentum_warmup must be in \[0, 1\]"),
         ({"momentum_warmup": -0.1, "warmup_iters": 10}, ValueError, "momentum_warmup must be in"),
         ({"model": [nn.Linear(2, 1)]}, ValueError, "^model should be an instance of nn.Module or its subclasses"),

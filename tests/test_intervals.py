@@ -157,8 +157,9 @@ def test_handler_every_5_iterations_equals_the_per_step_ema():
     trainer.run(range(10), max_epochs=10)  # 100 iterations, 20 updates
 
     assert handler.ema.num_updates == 20
-    assert trainer.state.ema_momentum == pytest.approx(M_EVERY, rel=1e-15, abs=0)
-    assert [m for t, m in seen if t >= EVERY] == [pytest.approx(M_EVERY, rel=1e-15, abs=0)] * 96
+    # engine.state holds the per-step momentum (whoever drives it writes that); the update applies it n times
+    assert trainer.state.ema_momentum == M
+    assert [m for t, m in seen] == [M] * 100
     expected = reference([(t, EVERY) for t in range(EVERY, 101, EVERY)])
     assert torch.equal(handler.ema_model.weight, expected.ema_model.weight)
 
@@ -177,7 +178,7 @@ def test_handler_counts_iterations_between_irregular_events():
     handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=EVERY) | Events.COMPLETED)
     trainer.run(range(23), max_epochs=1)
     assert handler.ema.num_updates == 5
-    assert trainer.state.ema_momentum == pytest.approx(1 - (1 - M) ** 3, rel=1e-15, abs=0)
+    assert trainer.state.ema_momentum == M
     expected = reference([(5, 5), (10, 5), (15, 5), (20, 5), (23, 3)])
     assert torch.equal(handler.ema_model.weight, expected.ema_model.weight)
 
@@ -239,7 +240,7 @@ def test_handler_resume_continues_the_step_count():
 
     assert trainer.state.iteration == 42
     assert seen[0][0] == 22
-    assert dict(seen)[25] == pytest.approx(M_EVERY, rel=1e-15, abs=0)
+    assert dict(seen)[25] == M
     assert resumed.ema.num_updates == uninterrupted.ema.num_updates == 8
     assert torch.equal(resumed.ema_model.weight, uninterrupted.ema_model.weight)
     expected = reference([(t, EVERY) for t in range(EVERY, 41, EVERY)])

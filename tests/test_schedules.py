@@ -104,7 +104,7 @@ def test_power_function_closed_form_and_running_mean():
         (lambda: constant(True), TypeError, "momentum must be a real number"),
         (lambda: linear_warmup(1.5, 0.1, 10), ValueError, r"momentum_warmup must be in \[0, 1\], got 1.5"),
         (lambda: linear_warmup(-0.1, 0.1, 10), ValueError, "momentum_warmup must be in"),
-        (lambda: linear_warmup(0.5, 0.1, 0), ValueError, "warmup_iters must be >= 1, got 0"),
+        (lambda: linear_warmup(0.5, 0.1, -1), ValueError, "warmup_iters must be >= 0, got -1"),
         (lambda: linear_warmup(0.5, 0.1, 2.5), TypeError, "warmup_iters must be an int, got 2.5"),
         (lambda: inverse_gamma(gamma=0), ValueError, "gamma must be > 0, got 0.0"),
         (lambda: inverse_gamma(power=-1), ValueError, "power must be > 0"),

@@ -553,14 +553,17 @@ class EMA:
             g.ema.views = list(map(_local_tensor, g.ema_params))
 
     # -- the update ---------------------------------------------------------------------------------
-    def update(self, steps: int = 1) -> float:
+    def update(self, steps: int = 1, *, momentum: float | None = None) -> float:
         """Fold the online model's current weights into the EMA; returns the momentum used.
 
-        Call it after ``optimizer.step()``. The momentum is ``schedule(num_updates + 1)``.
+        Call it after ``optimizer.step()``. The momentum is ``schedule(num_updates + 1)``, unless given.
 
         Args:
             steps: optimizer steps since the last update, with ``per_step=True``: the momentum used is
                 then ``1 - (1 - m) ** steps``.
+            momentum: the momentum of this update, in [0, 1], instead of the schedule's (a number, a numpy
+                scalar or a one-element tensor); the update still counts in :attr:`num_updates`. This is how
+                :class:`~polyak.EMAHandler` uses whatever ``engine.state`` holds.
 
         Returns:
             The momentum used (0.0 for an update that ``skip_nonfinite`` skipped).
@@ -568,11 +571,14 @@ class EMA:
         if steps != 1:
             if not self.per_step:
                 raise ValueError(f"steps={steps!r} needs per_step=True: without it each update is one step")
-            _check_int("steps", steps, 1)
+            steps = _check_int("steps", steps, 1)
         k = self.num_updates + 1
-        m = float(self.schedule(k))
-        if not 0.0 <= m <= 1.0:
-            raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
+        if momentum is None:
+            m = float(self.schedule(k))
+            if not 0.0 <= m <= 1.0:
+                raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
+        else:
+            m = _check_momentum("momentum", momentum, closed=True)
         if steps != 1:
             m = 1.0 - (1.0 - m) ** steps
         # torch.no_grad() as a decorator costs more than a small model's whole update: switch it directly

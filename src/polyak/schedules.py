@@ -14,10 +14,14 @@ Every function here validates its arguments and returns a small callable object 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
+from typing import Any
+
+import torch
 
 __all__ = [
     "Schedule",
@@ -33,7 +37,15 @@ Schedule = Callable[[int], float]
 """Type of a schedule: the 1-based update index in, the momentum of that update out."""
 
 
+def _scalar(value: object) -> object:
+    """A one-element real tensor as a Python number (configs pass 0-d tensors, as ignite accepts them)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        return value.item()
+    return value
+
+
 def _check_real(name: str, value: object) -> float:
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
@@ -53,15 +65,36 @@ def _check_momentum(name: str, value: object, *, closed: bool = False) -> float:
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
+    return int(value)
+
+
+class _Saved:
+    """``state_dict()``/``load_state_dict()`` for a schedule: its parameters, as plain values.
+
+    A schedule is fixed once built, so loading a state checks that it describes this very schedule and
+    refuses another one (ignite's ``LambdaStateScheduler`` saves and loads its callable this way).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": type(self).__name__, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        if dict(state_dict) != self.state_dict():
+            raise ValueError(
+                f"state_dict describes another schedule than this one: got {dict(state_dict)!r}, this one is "
+                f"{self.state_dict()!r}; build it with the saved parameters to resume that run"
+            )
 
 
 @dataclass(frozen=True)
-class _Constant:
+class _Constant(_Saved):
     momentum: float
 
     def __call__(self, k: int) -> float:
@@ -84,7 +117,7 @@ def constant(momentum: float) -> Schedule:
 
 
 @dataclass(frozen=True)
-class _LinearWarmup:
+class _LinearWarmup(_Saved):
     momentum_warmup: float
     momentum: float
     warmup_iters: int
@@ -111,7 +144,8 @@ def linear_warmup(momentum_warmup: float, momentum: float, warmup_iters: int) ->
     Args:
         momentum_warmup: momentum of the first update, in [0, 1].
         momentum: momentum after the warm-up, in (0, 1).
-        warmup_iters: number of updates the warm-up spans, >= 1.
+        warmup_iters: number of updates the warm-up spans, >= 0; as in ignite, 0, 1 and 2 all mean that
+            update 1 uses ``momentum_warmup`` and every later one ``momentum``.
 
     Example:
         >>> from polyak.schedules import linear_warmup
@@ -122,12 +156,12 @@ def linear_warmup(momentum_warmup: float, momentum: float, warmup_iters: int) ->
     return _LinearWarmup(
         _check_momentum("momentum_warmup", momentum_warmup, closed=True),
         _check_momentum("momentum", momentum),
-        _check_int("warmup_iters", warmup_iters, 1),
+        _check_int("warmup_iters", warmup_iters, 0),
     )
 
 
 @dataclass(frozen=True)
-class _InverseGamma:
+class _InverseGamma(_Saved):
     gamma: float
     power: float
     max_decay: float
@@ -179,7 +213,7 @@ def inverse_gamma(
 
 
 @dataclass(frozen=True)
-class _PowerFunction:
+class _PowerFunction(_Saved):
     gamma: float
 
     def __call__(self, k: int) -> float:
