@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[demo,dev]" "$(TORCH_PIN)"
+	# ignite's own tests ship in its source distribution: tests/test_ignite_upstream.py runs them on polyak
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: --dest $(VENV)/sdists \
+		"pytorch-ignite==$$($(PY) -c 'import ignite; print(ignite.__version__)')"
 	touch $(STAMP)
 
 demo: install

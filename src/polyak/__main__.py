@@ -148,6 +148,12 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from polyak._extras import install_hint, missing
+
+    absent = missing("ignite", "sklearn", "matplotlib", "tqdm")
+    if absent:  # before anything runs or is written
+        print(install_hint(absent, "polyak demo"), file=sys.stderr)
+        return 2
     from polyak.demo import format_sweep, format_table, run_demo
 
     result = run_demo(

@@ -33,7 +33,8 @@ Everything is deterministic given ``seed``. Use it from Python too::
     print(format_sweep(result.sweep, best=result.best))
     print(result.run_dir)
 
-The demo needs the ``demo`` extra (``pip install "polyak[demo]"``: scikit-learn, matplotlib, tqdm).
+The demo needs the ``demo`` extra (``pip install "polyak[demo]"``: pytorch-ignite, scikit-learn, matplotlib,
+tqdm); ``python -m polyak demo`` checks for them before it starts.
 """
 
 from __future__ import annotations
@@ -45,17 +46,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from ignite.engine import Engine, Events, create_supervised_evaluator, create_supervised_trainer
-from ignite.handlers import Checkpoint, DiskSaver
-from ignite.metrics import Accuracy, Loss
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from polyak.ignite import EMAHandler
-from polyak.posthoc import PostHocEMAHandler, synthesize
+from polyak.posthoc import synthesize
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
 
 __all__ = ["DemoResult", "EpochRecord", "SweepPoint", "format_sweep", "format_table", "make_model", "run_demo"]
 
@@ -448,6 +448,14 @@ def _train(
     sweep: tuple[float, ...],
 ) -> DemoResult:
     """The body of :func:`run_demo`, on checked arguments."""
+    # ignite is imported here, not with the module: the command line's parser reads the defaults above
+    from ignite.engine import Events, create_supervised_evaluator, create_supervised_trainer
+    from ignite.handlers import Checkpoint, DiskSaver
+    from ignite.metrics import Accuracy, Loss
+
+    from polyak.ignite import EMAHandler
+    from polyak.posthoc import PostHocEMAHandler
+
     start = time.perf_counter()
     torch.manual_seed(seed)  # the model's initialisation
     generator = torch.Generator().manual_seed(seed)  # the split and the order of the batches

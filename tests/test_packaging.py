@@ -1,0 +1,109 @@
+"""What a user meets first: the wheel and sdist carry what they should, and extras are optional for real."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# run code in a fresh interpreter where the given top-level modules cannot be imported
+BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
+
+
+def python(code: str, *, blocked: tuple[str, ...] = (), cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK.format(names=blocked) + code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (sdist,) = out.glob("polyak-*.tar.gz")
+    (wheel,) = out.glob("polyak-*.whl")
+    return sdist, wheel
+
+
+def test_sdist_carries_license_tests_benchmarks_examples_and_makefile(dists: tuple[Path, Path]) -> None:
+    sdist, _ = dists
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for needed in (
+        "LICENSE",
+        "README.md",
+        "BENCHMARKS.md",
+        "Makefile",
+        "tests/_dist.py",
+        "tests/test_ema.py",
+        "benchmarks/__main__.py",
+        "examples/fsdp2_ema.py",
+        "src/polyak/py.typed",
+    ):
+        assert needed in names, needed
+    assert not any("__pycache__" in n for n in names)
+
+
+def test_wheel_carries_license_and_needs_only_torch(dists: tuple[Path, Path]) -> None:
+    _, wheel = dists
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = Parser().parsestr(z.read(metadata).decode())
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "polyak/py.typed" in names
+    assert meta["License-Expression"] == "BSD-3-Clause"
+    requires = meta.get_all("Requires-Dist")
+    unconditional = sorted(r.split(">")[0].split("=")[0].strip() for r in requires if "extra ==" not in r)
+    assert unconditional == ["safetensors", "torch"]
+    assert any(r.startswith("pytorch-ignite") and 'extra == "ignite"' in r for r in requires)
+    assert {"ignite", "demo", "dev"} <= set(meta.get_all("Provides-Extra"))
+
+
+def test_import_polyak_needs_only_torch() -> None:
+    result = python(
+        "import polyak, polyak.schedules, polyak.posthoc\n"
+        "ema = polyak.EMA(__import__('torch').nn.Linear(2, 1)); ema.update()\n"
+        "assert 'ignite' not in sys.modules or sys.modules['ignite'] is None\n",
+        blocked=("ignite",),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_emahandler_without_ignite_says_how_to_install_it() -> None:
+    for code in ("from polyak import EMAHandler", "import polyak.ignite", "import polyak; polyak.EMAHandler"):
+        result = python(code, blocked=("ignite",))
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert last == (
+            "ModuleNotFoundError: polyak.EMAHandler needs pytorch-ignite, which is not installed: "
+            "pip install 'polyak[ignite]'"
+        ), result.stderr
+
+
+def test_demo_without_its_extras_exits_with_one_clear_line(tmp_path: Path) -> None:
+    result = python(
+        "from polyak.__main__ import main\nsys.exit(main(['demo', '--output-dir', 'runs']))",
+        blocked=("sklearn", "tqdm"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "polyak demo needs scikit-learn, tqdm, which are not installed: pip install 'polyak[demo]'"
+    )
+    assert not (tmp_path / "runs").exists()  # checked before anything ran or was written
