@@ -81,8 +81,9 @@ def _net(dtype: torch.dtype = torch.float32, seed: int = 0, bn: bool = False, wi
 
 
 def _sharded(module: nn.Module, **kwargs: Any) -> nn.Module:
-    """``fully_shard`` every Linear, then the root: the usual FSDP2 wrapping."""
-    for sub in module:
+    """``fully_shard`` every Linear but the last, then the root (which so holds some parameters itself: after a
+    forward outside of training, FSDP2 keeps the root's gathered), the usual FSDP2 wrapping."""
+    for sub in list(module)[:-1]:
         if isinstance(sub, nn.Linear):
             fully_shard(sub, **kwargs)
     fully_shard(module, **kwargs)
@@ -171,6 +172,10 @@ def _train_config(rank: int, name: str) -> dict[str, Any]:
             out["momenta"].append(ema.update())
             after_step()
 
+    # evaluated again after the updates since MID: FSDP2 kept the root's parameters gathered at the last
+    # evaluation, and a forward must not reuse them (polyak reshards the EMA module after each update)
+    with torch.no_grad():
+        out["out_ema_end"] = ema.ema_model(_eval_input().to(dtype))
     state = ema.state_dict()
     out["num_updates"] = ema.num_updates
     out["ema"] = _full(state["ema_model"])
@@ -180,6 +185,10 @@ def _train_config(rank: int, name: str) -> dict[str, Any]:
     out["master_local"] = _local_numel(state.get("master", {}))
     out["ema_full"] = sum(p.numel() for p in ema_module.parameters())
     out["local_shapes"] = {k: tuple(p._local_tensor.shape) for k, p in ema_module.named_parameters()}
+    plain = _net(dtype, bn=bn)
+    plain.load_state_dict(out["ema"])
+    with torch.no_grad():
+        out["out_plain_end"] = plain.eval()(_eval_input().to(dtype))
     if with_engine:
         with no_collectives():  # ignite's Checkpoint calls it on every rank: it must not communicate
             out["handler_state_keys"] = sorted(handler.state_dict())
@@ -198,7 +207,10 @@ def _evaluate(model: nn.Module, ema: EMA) -> dict[str, Any]:
         inside = _full(model.state_dict())
     model.train()
     online_after, ema_after = _full(model.state_dict()), _full(ema.ema_model.state_dict())
+    with torch.no_grad():  # and leaves the EMA module's root gathered: the updates that follow must show
+        out_ema_again = ema.ema_model(x)
     return {
+        "out_ema_again": out_ema_again,
         "swapped_yields_model": swapped_model is model,
         "out_ema": out_ema,
         "out_swapped": out_swapped,
@@ -449,7 +461,9 @@ def test_ema_module_evaluates_as_fsdp_module_and_swapped_restores(trained: list[
         assert run["swapped_yields_model"]
         assert run["inside_is_ema"]  # inside the block, the online FSDP model holds the EMA's weights
         assert run["online_restored"] and run["ema_restored"]  # bit for bit, both
-        assert torch.equal(run["out_swapped"], run["out_ema"])
+        assert torch.equal(run["out_swapped"], run["out_ema"]) and torch.equal(run["out_ema_again"], run["out_ema"])
+        torch.testing.assert_close(run["out_ema_end"], run["out_plain_end"])  # not the weights of step MID
+        assert not torch.allclose(run["out_ema_end"], run["out_ema"])
     # the EMA module's forward (all-gathering its shards) gives the same output on both ranks (with
     # BatchNorm, each rank's running statistics are its own: not there)
     if not TRAIN_CONFIGS[name][1]:

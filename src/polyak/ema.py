@@ -21,9 +21,10 @@ from torch.utils.hooks import RemovableHandle
 from polyak.schedules import Schedule, _check_int, _check_momentum, constant
 
 try:
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch built without distributed support
-    DTensor = distribute_tensor = None  # type: ignore[assignment,misc]
+    DTensor = distribute_tensor = FSDPModule = None  # type: ignore[assignment,misc]
 
 __all__ = ["EMA"]
 
@@ -42,6 +43,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules in ``module``: their parameters are resharded by :func:`_reshard`."""
+    return [m for m in module.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+
+
+def _reshard(modules: list[nn.Module]) -> None:
+    """Free FSDP2's unsharded parameters, so that the next forward gathers the shards anew.
+
+    After a forward outside of training (an evaluation), FSDP2 keeps the root's parameters unsharded, and
+    the next forward reuses them: without this, it would not see what an update or a swap wrote into the
+    shards since.
+    """
+    for m in modules:
+        m.reshard()  # type: ignore[operator]
 
 
 @dataclass
@@ -354,6 +371,8 @@ class EMA:
         self.ema_model.requires_grad_(False)
         self.ema_model.train(handle_buffers == "ema_train")
         self._groups, self._copies = self._build_groups(own_storage=ema_model is None)
+        self._fsdp_ema = _fsdp_modules(unwrap_model(self.ema_model))
+        self._fsdp_online = _fsdp_modules(unwrap_model(self.model))
         self._stale = False
         self._staged = any(g.staged for g in self._groups)
         _watch(self)
@@ -644,6 +663,8 @@ class EMA:
         except RuntimeError:
             self._refresh_online()  # says clearly which tensor changed dtype or device, if one did
             raise
+        if self._fsdp_ema:
+            _reshard(self._fsdp_ema)
         return True
 
     def _fused_update(self, g: _Group, m: float) -> bool:
@@ -750,12 +771,15 @@ class EMA:
             >>> torch.equal(model.weight, online), torch.equal(ema.ema_model.weight, average)
             (True, True)
         """
+        fsdp = self._fsdp_online + self._fsdp_ema
+        _reshard(fsdp)  # the swap is of the shards: no forward may reuse parameters gathered before it
         pairs = list(self._pairs())
         for online, ema in pairs:
             _swap(online, ema)
         try:
             yield self.model
         finally:
+            _reshard(fsdp)
             for online, ema in pairs:
                 _swap(online, ema)
 
