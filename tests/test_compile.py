@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from polyak import EMA, EMAHandler
-from polyak import ema as ema_module
+from polyak import EMA, EMAHandler, _kernels
+from polyak._kernels import Compiled
 from polyak.schedules import linear_warmup
 
 
@@ -25,12 +25,15 @@ def run(ema: EMA, steps: int = 12) -> None:
         ema.update()
 
 
-@pytest.mark.parametrize("flat", [False, True])
-def test_compiled_update_matches_the_eager_one(flat):
+def fused(ema: EMA) -> list[bool]:
+    return [isinstance(k, Compiled) and k.fused for k in ema._kernels]
+
+
+def test_compiled_update_matches_the_eager_one():
     schedule = linear_warmup(0.5, 0.01, 5)
-    eager = EMA(net(), schedule=schedule, flat=flat)
-    compiled = EMA(net(), schedule=schedule, flat=flat, compile=True)
-    assert all(g.fused for g in compiled._groups)
+    eager = EMA(net(), schedule=schedule, flat=True)
+    compiled = EMA(net(), schedule=schedule, flat=True, compile=True)
+    assert all(fused(compiled))
     run(eager)
     run(compiled)
     assert compiled.num_updates == eager.num_updates == 12
@@ -49,7 +52,12 @@ def test_compiled_update_matches_the_eager_one(flat):
 
 def test_flat_compiled_update_needs_no_staging_buffer():
     ema = EMA(net(), flat=True, compile=True)
-    assert all(g.staging is None for g in ema._groups)
+    assert all(k.staging is None for k in ema._kernels)
+
+
+def test_compile_needs_flat():
+    with pytest.raises(ValueError, match="compile=True needs flat=True"):
+        EMA(net(), compile=True)
 
 
 def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
@@ -59,7 +67,7 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
 
         return fail
 
-    monkeypatch.setattr(ema_module, "_compiled_master_update", broken)
+    monkeypatch.setattr(_kernels, "_compiled_master_update", broken)
     eager = EMA(net(), momentum=0.1, flat=True)
     compiled = EMA(net(), momentum=0.1, flat=True, compile=True)
     run(eager, 1)
@@ -67,10 +75,10 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
         run(compiled, 1)
     run(eager, 3)
     run(compiled, 3)
-    assert not any(g.fused for g in compiled._groups)
+    assert not any(fused(compiled))
     for k, a in compiled.state_dict()["master"].items():
         assert torch.equal(a, eager.state_dict()["master"][k]), k
 
 
 def test_handler_passes_compile_through():
-    assert EMAHandler(net(), compile=True).ema.compile
+    assert EMAHandler(net(), flat=True, compile=True).ema.compile

@@ -136,12 +136,17 @@ def test_refresh_after_assigning_one_tensor_by_hand():
 
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.double(), lambda m: m.to(torch.bfloat16)])
-def test_dtype_conversion_after_construction_is_a_clear_error(flat, convert):
+def test_online_dtype_conversion_after_construction_is_followed(flat, convert):
+    """The EMA keeps its own dtype and reads the converted online values through a staging copy."""
     model = net()
-    ema = EMA(model, flat=flat)
+    ema = EMA(model, momentum=0.5, flat=flat)
+    start = {k: v.clone() for k, v in ema.ema_model.named_parameters()}
     convert(model)
-    with pytest.raises(RuntimeError, match=r"tensor '0.weight' changed from torch.float32 \(8, 6\) on cpu to"):
-        ema.update()
+    ema.update()
+    online = dict(model.named_parameters())
+    for name, t in ema.ema_model.named_parameters():
+        assert t.dtype == torch.float32
+        assert torch.equal(t, start[name].lerp(online[name].float(), 0.5)), name
 
 
 def test_handler_flat_option():

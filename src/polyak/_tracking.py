@@ -1,0 +1,262 @@
+"""Pairing the online and EMA models' tensors, and keeping the pairing true as the models change.
+
+The EMA pairs tensors by name once, and then must notice whatever would make that pairing stale, at a cost
+that does not grow with the model beyond a pointer comparison per tensor:
+
+* :class:`Structure` is a snapshot of every module, parameter and buffer registered in both models (the
+  values of each module's ``_modules``, ``_parameters`` and ``_buffers``). A replaced submodule, a tensor
+  registered anew (``load_state_dict(assign=True)``, ``torch.__future__`` conversions that make new
+  parameters) or removed changes it. It is checked with one C-level list comparison.
+* :class:`Canaries` watches one tensor of each module (its data pointer): ``module.to()``, ``.half()`` and the
+  like re-allocate every tensor of the modules they touch, so one per module tells. Assigning one tensor's
+  ``.data`` by hand is followed where the new data is alike (the update reads the tensor objects), and needs
+  :meth:`polyak.EMA.refresh` otherwise.
+
+Nothing here installs a global hook: the checks live in the EMA and cost it alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import itertools
+import operator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from polyak._sharding import is_dtensor
+
+_values = dict.values
+_chain = itertools.chain.from_iterable
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose tensors are averaged: ``model.module`` for DataParallel and DistributedDataParallel."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
+def named_tensors(module: nn.Module) -> OrderedDict[str, tuple[Tensor, bool]]:
+    """Parameters then buffers, by name, each tensor once (tied weights under their first name)."""
+    out: OrderedDict[str, tuple[Tensor, bool]] = OrderedDict()
+    for name, p in module.named_parameters():
+        out[name] = (p, True)
+    for name, b in module.named_buffers():
+        out[name] = (b, False)
+    return out
+
+
+def averaged_kind(t: Tensor) -> bool:
+    """Whether a tensor's values can be averaged: floating point or complex (integers are copied)."""
+    return t.is_floating_point() or t.is_complex()
+
+
+# -- choosing what is averaged ------------------------------------------------------------------------------
+Selector = Callable[[str, Tensor], bool]
+
+
+def _globs(name: str, value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name} must be a name or glob, or a sequence of them, got {value!r}")
+    return patterns
+
+
+def parameter_selector(
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    where: Selector | None = None,
+    trainable_only: bool = False,
+) -> Selector | None:
+    """The rule that says which parameters are averaged, from the EMA's arguments; None: all of them.
+
+    Names are the model's parameter names (``"head.weight"``); patterns are shell-style globs
+    (``"*.lora_*"``), matched against the whole name.
+    """
+    inc, exc = _globs("include", include), _globs("exclude", exclude)
+    if where is not None and not callable(where):
+        raise TypeError(f"where must be a callable (name, parameter) -> bool, got {where!r}")
+    if inc is None and exc is None and where is None and not trainable_only:
+        return None
+
+    def selected(name: str, p: Tensor) -> bool:
+        if inc is not None and not any(fnmatch.fnmatchcase(name, g) for g in inc):
+            return False
+        if exc is not None and any(fnmatch.fnmatchcase(name, g) for g in exc):
+            return False
+        if trainable_only and not p.requires_grad:
+            return False
+        return where is None or bool(where(name, p))
+
+    return selected
+
+
+# -- the EMA model ----------------------------------------------------------------------------------------
+def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) -> nn.Module:
+    """A deep copy of ``model`` whose tensors are made directly where they belong, with ``shared`` not copied.
+
+    The tensors are put into ``copy.deepcopy``'s memo first, so the copy never holds a second temporary copy
+    (no peak beyond the EMA itself), each tensor is made on ``device`` (or its own), keeps its memory format,
+    and tied weights stay tied. Tensors whose id is in ``shared`` are the model's own in the copy too (only
+    where ``device`` is None: a shared tensor stays where the model has it).
+    """
+    if shared and device is not None:
+        raise ValueError("tensors can be shared with the model only where the EMA model stays on its device")
+    memo: dict[int, object] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if id(t) in memo:
+                continue
+            if id(t) in shared:
+                memo[id(t)] = t
+            elif type(t) is nn.Parameter:
+                memo[id(t)] = nn.Parameter(_fresh(t, device), requires_grad=False)
+            elif type(t) is Tensor:
+                memo[id(t)] = _fresh(t, device)
+            # other tensor subclasses: deepcopy's own way, then moved below
+        ema = copy.deepcopy(model, memo)
+    if device is not None:
+        ema.to(device)  # whatever deepcopy copied its own way (tensor subclasses); the rest is there already
+    for p in ema.parameters():
+        if id(p) not in shared:
+            p.requires_grad_(False)
+    return ema
+
+
+def _fresh(t: Tensor, device: torch.device | None) -> Tensor:
+    target = t.device if device is None else device
+    out = torch.empty_like(t.detach(), device=target, memory_format=torch.preserve_format)
+    return out.copy_(t.detach())
+
+
+# -- pairing ------------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """One tensor of the model and its counterpart in the EMA model, and what an update does with them.
+
+    ``role``: ``"lerp"`` (averaged), ``"copy"`` (copied at each update), ``"keep"`` (buffers under
+    ``handle_buffers="ema_train"``: left alone) or ``"share"`` (the EMA model holds the model's own tensor).
+    """
+
+    name: str
+    online: Tensor
+    ema: Tensor
+    is_param: bool
+    role: str
+
+
+_ADVICE = (
+    "make both alike again (e.g. ema.ema_model.head = copy.deepcopy(model.head) after replacing model.head), "
+    "or build a new EMA"
+)
+
+
+def pair(
+    online_module: nn.Module,
+    ema_module: nn.Module,
+    handle_buffers: str,
+    selected: Selector | None,
+    error: type[Exception] = RuntimeError,
+    advice: str = _ADVICE,
+) -> list[Pair]:
+    """Pair the tensors of the two models by name, checking names, kinds and shapes; refuse a mismatch with
+    ``error`` (a model changed since: RuntimeError; a module given that does not fit: ValueError)."""
+    online = named_tensors(online_module)
+    ema = named_tensors(ema_module)
+    if list(online) != list(ema):
+        missing = sorted(set(online) - set(ema))
+        extra = sorted(set(ema) - set(online))
+        raise error(
+            f"the EMA model's tensors do not match the model's: missing {missing} (the model's, not in the EMA "
+            f"model), unexpected {extra} (the EMA model's, not in the model): {advice}"
+        )
+    pairs = []
+    for name, (t, is_param) in online.items():
+        e, e_is_param = ema[name]
+        if e_is_param != is_param or t.shape != e.shape or averaged_kind(t) != averaged_kind(e):
+            raise error(
+                f"the model's tensor {name!r} is a {_what(t, is_param)} and the EMA model's a "
+                f"{_what(e, e_is_param)}: {advice}"
+            )
+        if e is t:
+            role = "share"
+        elif not is_param and handle_buffers == "ema_train":
+            role = "keep"
+        elif not averaged_kind(t):
+            role = "copy"  # integer tensors (num_batches_tracked, ...) are copied, never averaged
+        elif is_param:  # a parameter not averaged is shared where it can be (above), else copied
+            role = "lerp" if selected is None or selected(name, t) else "copy"
+        else:
+            role = "lerp" if handle_buffers == "update" else "copy"
+        pairs.append(Pair(name, t, e, is_param, role))
+    return pairs
+
+
+def _what(t: Tensor, is_param: bool) -> str:
+    return f"{'parameter' if is_param else 'buffer'} of {t.dtype} {tuple(t.shape)}"
+
+
+# -- noticing change -----------------------------------------------------------------------------------------
+def _needs_identity(value: object) -> bool:
+    """Values whose ``==`` is not identity: compared with ``is`` (a list comparison would ask their ``__eq__``)."""
+    if isinstance(value, Tensor):
+        return value.numel() <= 1  # a one-element tensor compares by value
+    if isinstance(value, nn.Module):
+        return type(value).__eq__ is not object.__eq__
+    return value is not None
+
+
+class Structure:
+    """What is registered in some modules, and a cheap check that it is still so.
+
+    Tensors with more than one element and plain modules are compared by one C-level list comparison (it
+    returns at once for identical objects; a tensor compared with another raises or says False); the few
+    others (one-element tensors, modules that define ``__eq__``) by identity.
+    """
+
+    def __init__(self, roots: Iterable[nn.Module]) -> None:
+        self.dicts = [d for root in roots for m in root.modules() for d in (m._modules, m._parameters, m._buffers)]
+        self.values = list(_chain(map(_values, self.dicts)))
+        self.exact = [(i, v) for i, v in enumerate(self.values) if _needs_identity(v)]
+
+    def unchanged(self) -> bool:
+        now = list(_chain(map(_values, self.dicts)))
+        try:
+            if now != self.values:
+                return False
+        except RuntimeError:  # a tensor compared with another (ambiguous truth value): something changed
+            return False
+        return all(now[i] is v for i, v in self.exact)
+
+
+class Canaries:
+    """One tensor of each module that owns some of ``tensors``, and where its data was."""
+
+    def __init__(self, names: Iterable[str], tensors: Iterable[Tensor]) -> None:
+        owners: dict[str, Tensor] = {}
+        for name, t in zip(names, tensors, strict=True):
+            owners.setdefault(name.rpartition(".")[0], t)
+        self.tensors = list(owners.values())
+        self.ptrs = list(map(Tensor.data_ptr, self.tensors))
+
+    def unchanged(self) -> bool:
+        return list(map(Tensor.data_ptr, self.tensors)) == self.ptrs
+
+
+_version = operator.attrgetter("_version")
+
+
+def versions(tensors: list[Tensor]) -> list[int]:
+    """The version counters of ``tensors``: every in-place write (ours, a load, the user's) bumps them."""
+    return list(map(_version, tensors))
+
+
+def sharded(t: Tensor) -> bool:
+    return is_dtensor(t)
