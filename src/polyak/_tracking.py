@@ -7,10 +7,10 @@ that does not grow with the model beyond a pointer comparison per tensor:
   values of each module's ``_modules``, ``_parameters`` and ``_buffers``). A replaced submodule, a tensor
   registered anew (``load_state_dict(assign=True)``, ``torch.__future__`` conversions that make new
   parameters) or removed changes it. It is checked with one C-level list comparison.
-* :class:`Canaries` watches one tensor of each module (its data pointer): ``module.to()``, ``.half()`` and the
-  like re-allocate every tensor of the modules they touch, so one per module tells. Assigning one tensor's
-  ``.data`` by hand is followed where the new data is alike (the update reads the tensor objects), and needs
-  :meth:`polyak.EMA.refresh` otherwise.
+* :func:`canaries` picks one tensor of each module, whose data pointer the structure check compares too:
+  ``module.to()``, ``.half()`` and the like re-allocate every tensor of the modules they touch, so one per
+  module tells. Assigning one tensor's ``.data`` by hand is followed where the new data is alike (the update
+  reads the tensor objects), and needs :meth:`polyak.EMA.refresh` otherwise.
 
 Nothing here installs a global hook: the checks live in the EMA and cost it alone.
 """
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from polyak._sharding import is_dtensor
 
-_values = dict.values
+_values = operator.methodcaller("values")  # also TorchScript modules' dict-like wrappers
 _chain = itertools.chain.from_iterable
 
 
@@ -210,44 +210,51 @@ def _needs_identity(value: object) -> bool:
         return value.numel() <= 1  # a one-element tensor compares by value
     if isinstance(value, nn.Module):
         return type(value).__eq__ is not object.__eq__
-    return value is not None
+    return not (value is None or type(value) is int)  # data pointers compare by value
 
 
 class Structure:
-    """What is registered in some modules, and a cheap check that it is still so.
+    """What is registered in some modules and where some tensors' data lies, and a cheap check that it is
+    still so.
 
-    Tensors with more than one element and plain modules are compared by one C-level list comparison (it
-    returns at once for identical objects; a tensor compared with another raises or says False); the few
-    others (one-element tensors, modules that define ``__eq__``) by identity.
+    The registered values are read through live ``dict.values()`` views. Tensors with more than one element
+    and plain modules are compared by one C-level list comparison (it moves on at once past identical
+    objects; a tensor compared with another raises or says False); the few others (one-element tensors,
+    modules that define ``__eq__``) by identity. The data pointers of ``canaries`` (one tensor per module:
+    ``module.to()``, ``.half()``... re-allocate all of a module's tensors) are compared in the same pass.
     """
 
-    def __init__(self, roots: Iterable[nn.Module]) -> None:
-        self.dicts = [d for root in roots for m in root.modules() for d in (m._modules, m._parameters, m._buffers)]
-        self.values = list(_chain(map(_values, self.dicts)))
-        self.exact = [(i, v) for i, v in enumerate(self.values) if _needs_identity(v)]
+    def __init__(self, roots: Iterable[nn.Module], canaries: Sequence[Tensor] = ()) -> None:
+        dicts = [d for root in roots for m in root.modules() for d in (m._modules, m._parameters, m._buffers)]
+        if all(isinstance(d, dict) for d in dicts):
+            views = [d.values() for d in dicts]  # live: they show what is registered now
+            self._read = lambda: _chain(views)
+        else:  # TorchScript modules hold dict-like wrappers whose values() is a copy
+            self._read = lambda: _chain(map(_values, dicts))
+        self.canaries = list(canaries)
+        self.values = [*self._read(), *map(Tensor.data_ptr, self.canaries)]
+        exact = [i for i, v in enumerate(self.values) if _needs_identity(v)]
+        # itemgetter of one index returns the item, of several a tuple: always a tuple here
+        self._pick = operator.itemgetter(*exact, exact[0]) if exact else None
+        self._exact = tuple(self.values[i] for i in exact) + ((self.values[exact[0]],) if exact else ())
 
     def unchanged(self) -> bool:
-        now = list(_chain(map(_values, self.dicts)))
+        now = [*self._read(), *map(Tensor.data_ptr, self.canaries)]
         try:
             if now != self.values:
                 return False
         except RuntimeError:  # a tensor compared with another (ambiguous truth value): something changed
             return False
-        return all(now[i] is v for i, v in self.exact)
+        return self._pick is None or all(map(operator.is_, self._pick(now), self._exact))
 
 
-class Canaries:
-    """One tensor of each module that owns some of ``tensors``, and where its data was."""
-
-    def __init__(self, names: Iterable[str], tensors: Iterable[Tensor]) -> None:
-        owners: dict[str, Tensor] = {}
-        for name, t in zip(names, tensors, strict=True):
-            owners.setdefault(name.rpartition(".")[0], t)
-        self.tensors = list(owners.values())
-        self.ptrs = list(map(Tensor.data_ptr, self.tensors))
-
-    def unchanged(self) -> bool:
-        return list(map(Tensor.data_ptr, self.tensors)) == self.ptrs
+def canaries(names: Iterable[str], tensors: Iterable[Tensor]) -> list[Tensor]:
+    """One tensor of each module that owns some of ``tensors``: where its data lies tells whether the module
+    was moved or converted."""
+    owners: dict[str, Tensor] = {}
+    for name, t in zip(names, tensors, strict=True):
+        owners.setdefault(name.rpartition(".")[0], t)
+    return list(owners.values())
 
 
 _version = operator.attrgetter("_version")

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from polyak import _sharding as sharding
 from polyak._kernels import Buf, Compiled, Kernel, Lerp, Staged, Stochastic, copy, dense_strides, split_views
 from polyak._tracking import (
-    Canaries,
     Pair,
     Selector,
     Structure,
+    canaries,
     copy_model,
     pair,
     parameter_selector,
@@ -326,28 +326,28 @@ class EMA:
     def _watch(self) -> None:
         """Snapshot what the next update checks: the models' structure, one tensor per module, masters' EMA."""
         online, ema = unwrap_model(self.model), unwrap_model(self.ema_model)
-        self._structure = Structure([online, ema])
-        names, watched_online, watched_ema = [], [], []
-        for k in self._kernels:
-            if k.sharded is None:
-                names += k.names
-                watched_online += [t for t in k.online.views]
-                watched_ema += [t for t in k.ema.views]
-        # flat kernels hold views of the tensors' data: their canaries are the registered tensors themselves
+        names = [n for k in self._kernels if k.sharded is None for n in k.names] + self._copy_names
+        # the registered tensors (a flat kernel holds views of their data, not them)
         registered_online = dict(online.named_parameters()) | dict(online.named_buffers())
         registered_ema = dict(ema.named_parameters()) | dict(ema.named_buffers())
-        self._canaries = Canaries(
-            names + names,
-            [registered_online[n] for n in names] + [registered_ema[n] for n in names],
+        watched = canaries(names, [registered_online[n] for n in names]) + canaries(
+            names, [registered_ema[n] for n in names]
         )
+        self._structure = Structure([online, ema], watched)
         self._master_kernels = [k for k in self._kernels if k.master is not None]
         self._record_versions()
         self._simple = (
             len(self._kernels) == 1
             and type(self._kernels[0]) is Lerp
             and self._kernels[0].sharded is None
+            and self._kernels[0].ema.flat is None
             and not self._copy_names
+            and not self.skip_nonfinite
+            and not self._fsdp_ema
+            and not self._fsdp_online
         )
+        if self._simple:
+            self._simple_ema, self._simple_online = self._kernels[0].ema.views, self._kernels[0].online.views
 
     def _record_versions(self) -> None:
         self._versions = self._master_versions()
@@ -405,7 +405,7 @@ class EMA:
             # FSDP2 registers its gathered parameters in place of the sharded ones while they are in use (a
             # forward outside training keeps the root's so): the shards are what the EMA pairs
             sharding.reshard(self._fsdp_online + self._fsdp_ema)
-        if not (self._structure.unchanged() and self._canaries.unchanged()):
+        if not self._structure.unchanged():
             self._build()
         elif self._master_kernels and self._master_versions() != self._versions:
             self._revalidate_masters()
@@ -457,11 +457,13 @@ class EMA:
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            self._ensure_current()
-            if self._simple:  # the common case, as directly as it goes: it is all of a small model's update
-                self._kernels[0].apply(m)
-            elif not self._fold(m, k):
-                return 0.0
+            if self._simple and self._structure.unchanged():
+                # the common case, as directly as it goes: it is all of a small model's update
+                torch._foreach_lerp_(self._simple_ema, self._simple_online, m)
+            else:
+                self._ensure_current()
+                if not self._fold(m, k):
+                    return 0.0
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         self.num_updates = k
