@@ -472,7 +472,13 @@ def test_ema_module_evaluates_as_fsdp_module_and_swapped_restores(trained: list[
 
 def test_handler_state_dict_communicates_with_no_one(trained: list[dict]) -> None:
     for result in trained:
-        assert result["warmup"]["handler_state_keys"] == ["ema_model", "momentum", "num_skipped", "num_updates"]
+        assert result["warmup"]["handler_state_keys"] == [
+            "ema_model",
+            "momentum",
+            "num_skipped",
+            "num_updates",
+            "scheduler_events",
+        ]
     kind, keys = trained[0]["refused"]["state_dict_on_one_rank"]
     assert (kind, keys) == ("nothing", "ema_model,num_skipped,num_updates")
 

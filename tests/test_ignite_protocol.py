@@ -24,7 +24,7 @@ from ignite.handlers import EMAHandler as IgniteEMAHandler
 from ignite.handlers.state_param_scheduler import LambdaStateScheduler
 from torch import nn
 
-from polyak import EMAHandler
+from polyak import EMA, EMAHandler
 from polyak.ignite import MomentumScheduler
 
 STEPS = 30
@@ -228,7 +228,7 @@ def test_own_momentum_scheduler_in_a_checkpoint_restores_the_warmup(tmp_path: Pa
     ckpt, full, resumed = assert_resumes_exactly(build, tmp_path)
     assert torch.load(ckpt, weights_only=True)["ema_scheduler"] == {"event_index": 12, "param_name": "ema_momentum"}
     assert isinstance(resumed.momentum_scheduler, MomentumScheduler)
-    assert resumed.ema.num_updates == full.ema.num_updates == EPOCH * EPOCHS
+    assert resumed.momentum_scheduler.event_index == full.momentum_scheduler.event_index == EPOCH * EPOCHS
 
 
 def test_momentum_scheduler_state_is_checked() -> None:
@@ -239,14 +239,16 @@ def test_momentum_scheduler_state_is_checked() -> None:
         h.momentum_scheduler.load_state_dict({"param_name": "ema_momentum"})
     with pytest.raises(ValueError, match=r"state_dict\['event_index'\] must be >= 0, got -1"):
         h.momentum_scheduler.load_state_dict({"event_index": -1})
-    assert h.ema.num_updates == 0  # refused calls changed nothing
+    assert h.momentum_scheduler.event_index == 0  # refused calls changed nothing
     h.momentum_scheduler.load_state_dict({"event_index": 3, "param_name": "ema_momentum"})
-    assert h.ema.num_updates == 3 and h.momentum_scheduler.get_param() == 0.1
-    # a schedule loads only into the same schedule: a checkpoint of another warm-up is refused, not mixed in
-    other = EMAHandler(nn.Linear(2, 1), momentum=0.1, momentum_warmup=0.9, warmup_iters=4)._momentum_lambda_obj
-    with pytest.raises(ValueError, match="describes another schedule"):
-        h._momentum_lambda_obj.load_state_dict(other.state_dict())
-    h._momentum_lambda_obj.load_state_dict(h._momentum_lambda_obj.state_dict())
+    assert h.momentum_scheduler.event_index == 3 and h.momentum_scheduler.get_param() == 0.1
+    # the warm-up object loads what was saved, as ignite's does (checked first: a bad one changes nothing)
+    lam = h._momentum_lambda_obj
+    with pytest.raises(ValueError, match="momentum_warmup must be in"):
+        lam.load_state_dict({"momentum_warmup": 2.0, "warmup_iters": 4, "momentum": 0.1})
+    assert lam.state_dict() == {"momentum_warmup": 0.5, "warmup_iters": 4, "momentum": 0.1}
+    lam.load_state_dict({"momentum_warmup": 0.9, "warmup_iters": 4, "momentum": 0.1})
+    assert lam(1) == 0.9
 
 
 # -- subclasses that override _update_ema_model --------------------------------------------------------------
@@ -434,3 +436,191 @@ def test_lerp_is_closer_to_float64_than_ignites_mul_add() -> None:
     assert ratios[0.5] == pytest.approx(1.0, abs=0.05)  # at 1/2 both round alike
     assert all(ratios[m] > 2 for m in (0.1, 0.01, 0.002, 0.0002)), ratios
     assert ratios[0.0002] > 20, ratios
+
+
+# -- what subclasses and users do next (each found by trying it, side by side with ignite) ---------------------
+def test_overridden_update_with_a_warmup_still_warms_up_as_ignite() -> None:
+    """The warm-up counts events, not polyak's updates: an override that never calls super() still sees it."""
+
+    def lora(base):
+        class Own(base):
+            def _update_ema_model(self, engine, name):
+                m = getattr(engine.state, name)
+                for e, p in zip(self.ema_model.parameters(), self.model.parameters(), strict=True):
+                    e.mul_(1 - m).add_(p.data, alpha=m)
+
+        return Own
+
+    (ours, ours_m), (theirs, theirs_m) = side_by_side(
+        lambda cls, model: lora(cls)(model, 0.01, 0.5, 10), lambda h, trainer: h.attach(trainer)
+    )
+    assert ours_m == theirs_m and ours_m[0] == 0.5 and ours_m[-1] == 0.01
+    assert_same_ema(ours.ema_model, theirs.ema_model)
+
+
+def test_subclass_init_may_assign_ignites_attributes() -> None:
+    def assigning(base):
+        class Assigning(base):
+            def __init__(self, model, *args, **kwargs):
+                super().__init__(model, *args, **kwargs)
+                self.model = model
+                self.ema_model = self.ema_model
+                self.handle_buffers = "update"
+
+        return Assigning
+
+    (ours, ours_m), (theirs, theirs_m) = side_by_side(
+        lambda cls, model: assigning(cls)(model, momentum=0.1), lambda h, trainer: h.attach(trainer)
+    )
+    assert ours.handle_buffers == "update" and ours_m == theirs_m
+    assert_same_ema(ours.ema_model, theirs.ema_model)  # BatchNorm's running statistics averaged in both
+    with pytest.raises(ValueError, match="build a new EMAHandler"):
+        ours.model = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda h: setattr(h, "momentum", 0.2),
+        lambda h: setattr(h, "_momentum_lambda_obj", lambda i: 0.5 / i),
+        lambda h: setattr(h, "_momentum_lambda_obj", None),
+    ],
+    ids=["momentum", "own_lambda", "no_lambda"],
+)
+def test_attributes_changed_before_attach_are_what_attach_uses(change) -> None:
+    def build(cls, model):
+        h = cls(model, 0.05, 0.5, 5)
+        change(h)
+        return h
+
+    (ours, ours_m), (theirs, theirs_m) = side_by_side(build, lambda h, trainer: h.attach(trainer))
+    assert ours_m == pytest.approx(theirs_m, rel=1e-15, abs=0)
+    assert_same_ema(ours.ema_model, theirs.ema_model)
+
+
+@pytest.mark.parametrize(
+    "rebuild",
+    [
+        lambda h, model: h.ema_model.load_state_dict(h.ema_model.state_dict(), assign=True),
+        lambda h, model: setattr(
+            h.ema_model[0], "weight", nn.Parameter(h.ema_model[0].weight.detach().clone(), requires_grad=False)
+        ),
+    ],
+    ids=["assign", "new_parameter"],
+)
+def test_ema_model_rebuilt_by_hand_keeps_being_updated_as_ignite(rebuild) -> None:
+    def attach(h, trainer):
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: rebuild(h, h.model))
+        h.attach(trainer)
+
+    (ours, _), (theirs, _) = side_by_side(lambda cls, model: cls(model, momentum=0.2), attach)
+    assert_same_ema(ours.ema_model, theirs.ema_model)
+
+
+def test_bf16_ema_model_converted_to_float32_keeps_being_updated_exactly() -> None:
+    model = make_model().to(torch.bfloat16)
+    h = EMAHandler(model, momentum=0.1)
+
+    def step() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.25)
+        h.ema.update(momentum=0.1)
+        return {k: v.detach().float() for k, v in model.named_parameters()}
+
+    for _ in range(3):
+        step()
+    master = {k: v.clone() for k, v in h.ema.state_dict()["master"].items()}
+    h.ema_model.float()  # to evaluate in float32: the EMA follows, its master's precision intact
+    seen = [step(), step()]
+    for name, t in h.ema_model.named_parameters():
+        assert t.dtype == torch.float32
+        assert torch.equal(t, master[name].lerp(seen[0][name], 0.1).lerp(seen[1][name], 0.1)), name
+
+
+@torch.no_grad()
+def reset(ema_model: nn.Module, model: nn.Module) -> None:
+    for q, p in zip(ema_model.parameters(), model.parameters(), strict=True):
+        q.copy_(p)
+
+
+def test_writing_the_ema_weights_in_place_is_followed_with_a_master() -> None:
+    """A reset of the EMA to the model (in place, mid-run) is what the next update starts from, in fp16 too."""
+    for cls in (EMAHandler, IgniteEMAHandler):
+        model = nn.Linear(4, 4).half()
+        h = cls(model, momentum=0.1)
+        trainer = Engine(lambda e, b, model=model: [p.data.add_(0.5) for p in model.parameters()])
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED(once=10),
+            lambda e, h=h, model=model: reset(h.ema_model, model),
+        )
+        h.attach(trainer)
+        trainer.run(range(11), max_epochs=1)
+        gap = (model.weight.float() - h.ema_model.weight.float()).abs().max().item()
+        # after the reset at 10, one update with the model 0.5 further: the EMA is 0.45 behind
+        assert gap == pytest.approx(0.45, abs=5e-3), cls  # float16 rounding, in ignite's arithmetic
+
+
+def test_a_second_engine_starts_from_momentum_not_from_the_last_scheduled_value() -> None:
+    h = EMAHandler(nn.Linear(2, 1), momentum=0.01)
+    first = Engine(lambda e, b: None)
+    h.attach(first, name="m")
+    PiecewiseLinearStateScheduler(param_name="m", milestones_values=[(0, 0.0), (10, 0.5)]).attach(first)
+    first.run(range(5), max_epochs=1)
+    second = Engine(lambda e, b: None)
+    h.attach(second, name="m")
+    assert second.state.m == 0.01
+
+
+def test_removed_attachment_is_forgotten() -> None:
+    h = EMAHandler(nn.Linear(2, 1), momentum=0.1)
+    trainer = Engine(lambda e, b: None)
+    handle = h.attach(trainer)
+    trainer.run(range(2), max_epochs=1)
+    handle.remove()
+    trainer.state.ema_momentum = 0.77  # another handler's now
+    assert h.state_dict()["momentum"] == 0.1  # the last update's, not the detached engine's
+    h.load_state_dict(h.state_dict())
+    assert trainer.state.ema_momentum == 0.77
+
+
+def test_refused_attach_changes_nothing_and_a_missing_attribute_says_so() -> None:
+    h = EMAHandler(nn.Linear(2, 1), momentum=0.1, momentum_warmup=0.5, warmup_iters=3)
+    trainer = Engine(lambda e, b: None)
+    scheduler = h.momentum_scheduler
+    with pytest.raises(ValueError):
+        h.attach(trainer, event="no_such_event")
+    assert not hasattr(trainer.state, "ema_momentum") and not h._attached and h.momentum_scheduler is scheduler
+    plain = Engine(lambda e, b: None)
+    plain.add_event_handler(Events.ITERATION_COMPLETED, h._update_ema_model, "never_set")
+    with pytest.raises(AttributeError, match="engine.state has no attribute 'never_set'"):
+        plain.run(range(1), max_epochs=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(momentum=np.array(0.05)), dict(momentum=0.05, momentum_warmup=0.5, warmup_iters=10.0)],
+    ids=["ndarray_0d", "float_warmup_iters"],
+)
+def test_config_values_ignite_accepts(kwargs: dict) -> None:
+    """A float ``warmup_iters`` as ignite computes it; a 0-d numpy momentum as its value (ignite passes the
+    array to ``add_(alpha=...)``, which refuses it at the first update)."""
+    as_ignite = {k: float(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    (ours, ours_m), (theirs, theirs_m) = side_by_side(
+        lambda cls, model: cls(model, **(kwargs if cls is EMAHandler else as_ignite)),
+        lambda h, trainer: h.attach(trainer),
+    )
+    assert ours_m == theirs_m
+    assert_same_ema(ours.ema_model, theirs.ema_model)
+
+
+def test_a_write_through_data_is_taken_after_refresh() -> None:
+    """``.data`` writes bypass autograd's version counters, so the EMA cannot see them: ``refresh()`` takes
+    the EMA model's values into the float32 master (a plain in-place write or a load is seen by itself)."""
+    model = nn.Linear(4, 4).half()
+    ema = EMA(model, momentum=0.1)
+    ema.ema_model.weight.data.fill_(3.0)
+    ema.refresh()
+    ema.update()
+    expected = torch.full((4, 4), 3.0).lerp(model.weight.float(), 0.1).half()
+    assert torch.equal(ema.ema_model.weight, expected)

@@ -88,6 +88,8 @@ class Kernel:
         self.online = online
         self.ema = ema
         self.sharded = sharded
+        # the EMA model's dtype the kernel writes (the tensors may be converted later: that is a change)
+        self.ema_dtype = ema.views[0].dtype
 
     def refetch(self) -> None:
         if self.sharded is not None:

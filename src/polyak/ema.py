@@ -202,7 +202,7 @@ class EMA:
         self.model = model
         self.momentum = momentum
         self.schedule: Schedule = schedule if schedule is not None else constant(momentum)
-        self.handle_buffers = handle_buffers
+        self._handle_buffers = handle_buffers
         self.dtype = dtype
         self.stochastic_rounding = stochastic_rounding
         self.per_step = per_step
@@ -247,6 +247,55 @@ class EMA:
         self._fsdp_online = sharding.fsdp_modules(online)
         self._build()
 
+    @property
+    def ema_model(self) -> nn.Module:
+        """The averaged model. Assigning another module (built like the model) makes it the EMA model: the
+        next update averages into it, from its own values."""
+        return self._ema_model
+
+    @ema_model.setter
+    def ema_model(self, module: nn.Module) -> None:
+        if not hasattr(self, "_ema_model"):  # construction
+            self._ema_model = module
+            return
+        if module is self._ema_model:
+            return
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ema_model must be an nn.Module, got {type(module).__name__}")
+        if module is self.model or unwrap_model(module) is unwrap_model(self.model):
+            raise ValueError("ema_model must be a separate module, not the online model itself")
+        self._refuse_when_swapped("assigning ema_model")
+        old = self._ema_model
+        self._ema_model = module
+        try:
+            self._fsdp_ema = sharding.fsdp_modules(unwrap_model(module))
+            module.requires_grad_(False)
+            module.train(self.handle_buffers == "ema_train")
+            self._build(keep_masters=False)
+        except BaseException:
+            self._ema_model = old
+            self._fsdp_ema = sharding.fsdp_modules(unwrap_model(old))
+            raise
+
+    @property
+    def handle_buffers(self) -> str:
+        """What happens to buffers at each update (see the class docstring); assignable."""
+        return self._handle_buffers
+
+    @handle_buffers.setter
+    def handle_buffers(self, value: str) -> None:
+        if value not in HANDLE_BUFFERS:
+            raise ValueError(f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {value!r}")
+        if value == self._handle_buffers:
+            return
+        old, self._handle_buffers = self._handle_buffers, value
+        try:
+            self._build()
+        except BaseException:
+            self._handle_buffers = old
+            raise
+        self.ema_model.train(value == "ema_train")
+
     # -- construction -------------------------------------------------------------------------------
     def _start_from_model(self) -> None:
         """A user's ``ema_model`` (FSDP2) is checked to be built like the model, and starts from its values."""
@@ -266,9 +315,9 @@ class EMA:
             return self.dtype
         return torch.float32 if dtype in _LOW_PRECISION else dtype
 
-    def _build(self) -> None:
+    def _build(self, keep_masters: bool = True) -> None:
         """Pair the two models' tensors and pick each group's kernel; masters kept where still valid."""
-        previous = self._masters_by_name() if hasattr(self, "_kernels") else {}
+        previous = self._masters_by_name() if keep_masters else {}
         pairs = pair(unwrap_model(self.model), unwrap_model(self.ema_model), self.handle_buffers, self._selected)
         groups: dict[tuple[Any, ...], list[Pair]] = {}
         for p in pairs:
@@ -364,8 +413,7 @@ class EMA:
         out = {}
         for k in getattr(self, "_kernels", []):
             if k.master is not None:
-                dtype = k.ema.views[0].dtype
-                out.update({n: (v, dtype) for n, v in zip(k.names, k.master.views, strict=True)})
+                out.update({n: (v, k.ema_dtype) for n, v in zip(k.names, k.master.views, strict=True)})
         return out
 
     def _restore_masters(self, previous: dict[str, tuple[Tensor, torch.dtype]]) -> None:
@@ -393,9 +441,8 @@ class EMA:
         with torch.no_grad():
             for k in self._master_kernels:
                 assert k.master is not None
-                dtype = k.ema.views[0].dtype
                 for view, ema in zip(k.master.views, k.ema.views, strict=True):
-                    if not torch.equal(view.to(dtype), ema):
+                    if not torch.equal(view.to(k.ema_dtype), ema):
                         view.copy_(ema)
 
     # -- following the models -------------------------------------------------------------------------

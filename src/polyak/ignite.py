@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from polyak._extras import require
@@ -17,10 +17,11 @@ from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList, S
 from ignite.engine.events import RemovableEventHandle  # noqa: E402
 from torch import nn  # noqa: E402
 
+from polyak._tracking import unwrap_model  # noqa: E402
 from polyak.ema import EMA, HANDLE_BUFFERS  # noqa: E402
-from polyak.schedules import Schedule, _check_int, _check_momentum, constant, linear_warmup  # noqa: E402
+from polyak.schedules import Schedule, _check_int, _check_momentum, _warmup, constant, linear_warmup  # noqa: E402
 
-__all__ = ["EMAHandler", "MomentumScheduler"]
+__all__ = ["EMAHandler", "EMAWarmUp", "MomentumScheduler"]
 
 # Attributes that ignite itself keeps on ``engine.state``: a momentum written there would clobber them.
 _RESERVED_STATE_NAMES = frozenset(vars(State())) | {n for n in dir(State) if not n.startswith("__")}
@@ -31,79 +32,124 @@ class _ModelError(ValueError, TypeError):
     """A model that is not an ``nn.Module``: a ``TypeError``, and a ``ValueError`` as ignite raises."""
 
 
+class EMAWarmUp:
+    """ignite's warm-up object, kept by :class:`EMAHandler` as ``_momentum_lambda_obj``: the momentum of the
+    1-based ``event_index``, linear from ``momentum_warmup`` to ``momentum`` over ``warmup_iters`` events, with
+    ignite's arithmetic to the last bit (:func:`polyak.schedules.linear_warmup`). Its attributes can be set, as
+    ignite's; :meth:`state_dict` holds them as plain values, so a ``LambdaStateScheduler`` holding it saves and
+    loads (``weights_only=True``) where ignite's cannot.
+
+    Example:
+        >>> from polyak.ignite import EMAWarmUp
+        >>> warmup = EMAWarmUp(momentum_warmup=0.5, warmup_iters=5, momentum=0.1)
+        >>> [round(warmup(k), 6) for k in (1, 2, 5, 6)]
+        [0.5, 0.4, 0.1, 0.1]
+    """
+
+    def __init__(self, momentum_warmup: float, warmup_iters: int, momentum: float) -> None:
+        checked = linear_warmup(momentum_warmup, momentum, warmup_iters)
+        self.momentum_warmup = checked.momentum_warmup  # type: ignore[attr-defined]
+        self.warmup_iters = checked.warmup_iters  # type: ignore[attr-defined]
+        self.momentum = checked.momentum  # type: ignore[attr-defined]
+
+    def __call__(self, event_index: int) -> float:
+        return _warmup(self.momentum_warmup, self.momentum, self.warmup_iters, event_index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum_warmup": self.momentum_warmup, "warmup_iters": self.warmup_iters, "momentum": self.momentum}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Take the warm-up saved (as ignite's ``LambdaStateScheduler`` does); checked before it is set."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        missing = {"momentum_warmup", "warmup_iters", "momentum"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict lacks {sorted(missing)}; it has {sorted(state_dict)}")
+        checked = EMAWarmUp(state_dict["momentum_warmup"], state_dict["warmup_iters"], state_dict["momentum"])
+        self.__dict__.update(vars(checked))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(momentum_warmup={self.momentum_warmup!r}, warmup_iters={self.warmup_iters!r}, "
+            f"momentum={self.momentum!r})"
+        )
+
+
 class MomentumScheduler:
     """Writes the momentum of the next EMA update into ``engine.state.<param_name>``, before the update.
 
-    The ``momentum_scheduler`` of :class:`EMAHandler`, in the place of ignite's ``LambdaStateScheduler``:
-    :meth:`EMAHandler.attach` attaches it on the update's event, ahead of the update, where the handler has
-    a warm-up or a ``schedule``. The momentum it writes is the schedule's at the EMA's own update count, so
-    it never drifts from the updates; :meth:`state_dict` holds that count (the one of the handler's own
-    state dict: loading either restores it) as plain values, so ignite's ``Checkpoint`` saves it and
-    ``torch.load(..., weights_only=True)`` reads it back.
+    The ``momentum_scheduler`` of :class:`EMAHandler`, in the place of ignite's ``LambdaStateScheduler``: like
+    it, it counts its events (:attr:`event_index`) and writes ``lambda_obj(event_index)``; :meth:`EMAHandler.attach`
+    attaches it on the update's event, ahead of the update, where the handler has a warm-up or a ``schedule``.
+    Unlike ignite's, :meth:`state_dict` holds plain values only (the count and the name), so ignite's
+    ``Checkpoint`` saves it and ``torch.load(..., weights_only=True)`` reads it back.
 
     Args:
-        ema: the :class:`~polyak.EMA` whose schedule and update count it follows.
+        lambda_obj: the momentum of each 1-based event index (the handler's ``_momentum_lambda_obj``).
         param_name: the attribute of ``engine.state`` it writes.
+        event_index: how many events came before (to continue a count).
 
     Example:
         >>> from torch import nn
         >>> from polyak import EMAHandler
         >>> handler = EMAHandler(nn.Linear(2, 1), momentum=0.01, momentum_warmup=0.1, warmup_iters=10)
-        >>> handler.momentum_scheduler.get_param()   # the momentum of the first update
+        >>> handler.momentum_scheduler.get_param()   # the momentum of the next event
         0.1
         >>> handler.momentum_scheduler.state_dict()
         {'event_index': 0, 'param_name': 'ema_momentum'}
     """
 
-    def __init__(self, ema: EMA, param_name: str = "ema_momentum") -> None:
-        if not isinstance(ema, EMA):
-            raise TypeError(f"ema must be a polyak.EMA, got {type(ema).__name__}")
-        self.ema = ema
+    def __init__(self, lambda_obj: Schedule, param_name: str = "ema_momentum", event_index: int = 0) -> None:
+        if not callable(lambda_obj):
+            raise TypeError(f"lambda_obj must be a callable event_index -> momentum, got {lambda_obj!r}")
+        self.lambda_obj = lambda_obj
         self.param_name = param_name
-
-    @property
-    def event_index(self) -> int:
-        """How many updates were scheduled (and made): the EMA's ``num_updates``."""
-        return self.ema.num_updates
+        self.event_index = _check_int("event_index", event_index, 0)
 
     def get_param(self) -> float:
-        """The momentum of the next update."""
-        return self.ema.momentum_at(self.ema.num_updates + 1)
+        """The momentum of the next event."""
+        return float(self.lambda_obj(self.event_index + 1))
 
     def __call__(self, engine: Engine) -> None:
-        setattr(engine.state, self.param_name, self.get_param())
+        self.event_index += 1
+        setattr(engine.state, self.param_name, float(self.lambda_obj(self.event_index)))
 
     def attach(self, engine: Engine, event: _EVENT = Events.ITERATION_COMPLETED) -> RemovableEventHandle:
         """Write the momentum on ``event`` of ``engine``; returns the removable handle."""
         return engine.add_event_handler(event, self)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"event_index": self.ema.num_updates, "param_name": self.param_name}
+        return {"event_index": self.event_index, "param_name": self.param_name}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the update count (and so the point in the schedule); checked before it is set."""
+        """Restore the count of events (and so the point in the warm-up); checked before it is set."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         if "event_index" not in state_dict:
             raise ValueError(f"state_dict lacks 'event_index'; it has {sorted(state_dict)}")
-        self.ema.num_updates = _check_int("state_dict['event_index']", state_dict["event_index"], 0)
+        self.event_index = _check_int("state_dict['event_index']", state_dict["event_index"], 0)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(param_name={self.param_name!r}, schedule={self.ema.schedule!r})"
+        return (
+            f"{type(self).__name__}(lambda_obj={self.lambda_obj!r}, param_name={self.param_name!r}, "
+            f"event_index={self.event_index})"
+        )
 
 
 class _AttachHandle(RemovableEventHandle):
     """The handle :meth:`EMAHandler.attach` returns: ``remove()`` detaches the update and its scheduler."""
 
-    def __init__(self, update: RemovableEventHandle, others: list[RemovableEventHandle]) -> None:
+    def __init__(self, update: RemovableEventHandle, others: list[RemovableEventHandle], forget: Any) -> None:
         # the update's own handle, taken over (its weak references included), with the scheduler's beside it
         self.event_name, self.handler, self.engine = update.event_name, update.handler, update.engine
         self._others = others
+        self._forget = forget
 
     def remove(self) -> None:
         super().remove()
         for handle in self._others:
             handle.remove()
+        self._forget()
 
 
 class EMAHandler:
@@ -146,6 +192,9 @@ class EMAHandler:
             :class:`~polyak.EMA` (float32 masters for low-precision models by default, and so on).
         ema_model: keyword-only; the module to hold the average where the model cannot be deep-copied
             (FSDP2: build and shard it like the model); see :class:`~polyak.EMA`.
+        include, exclude, predicate, trainable_only: keyword-only; which parameters are averaged (the others
+            are shared with the model); see :class:`~polyak.EMA`. ``trainable_only=True`` is the EMA of a
+            LoRA adapter at the adapter's cost.
         per_step: keyword-only; the momentum is meant per iteration: an update after ``n`` iterations
             (``Events.ITERATION_COMPLETED(every=n)``) uses ``1 - (1 - m) ** n``, with ``m`` read from
             ``engine.state``. The handler counts the iterations between its updates itself.
@@ -208,6 +257,10 @@ class EMAHandler:
         flat: bool = False,
         ema_model: nn.Module | None = None,
         compile: bool = False,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        predicate: Callable[[str, torch.Tensor], bool] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         try:
             momentum = _check_momentum("momentum", momentum)
@@ -226,15 +279,16 @@ class EMAHandler:
             raise ValueError(
                 f"handle_buffers can only be one of 'copy', 'update', 'ema_train', but got {handle_buffers!r}"
             )
-        if schedule is not None:
-            if momentum_warmup is not None or momentum != 0.0002:
-                raise ValueError(
-                    "give either schedule or momentum/momentum_warmup/warmup_iters, not both: got "
-                    f"schedule={schedule!r}, momentum={momentum!r}, momentum_warmup={momentum_warmup!r}"
-                )
-        elif momentum_warmup is not None:
-            schedule = linear_warmup(momentum_warmup, momentum, warmup_iters)  # type: ignore[arg-type]
-            momentum_warmup, warmup_iters = schedule.momentum_warmup, schedule.warmup_iters  # type: ignore[attr-defined]
+        if schedule is not None and (momentum_warmup is not None or momentum != 0.0002):
+            raise ValueError(
+                "give either schedule or momentum/momentum_warmup/warmup_iters, not both: got "
+                f"schedule={schedule!r}, momentum={momentum!r}, momentum_warmup={momentum_warmup!r}"
+            )
+        lambda_obj: Schedule | None = schedule
+        if momentum_warmup is not None:
+            lambda_obj = EMAWarmUp(momentum_warmup, warmup_iters, momentum)  # type: ignore[arg-type]
+            momentum_warmup, warmup_iters = lambda_obj.momentum_warmup, lambda_obj.warmup_iters
+            schedule = linear_warmup(momentum_warmup, momentum, warmup_iters)
 
         self.ema = EMA(
             model,
@@ -249,31 +303,52 @@ class EMAHandler:
             flat=flat,
             ema_model=ema_model,
             compile=compile,
+            include=include,
+            exclude=exclude,
+            predicate=predicate,
+            trainable_only=trainable_only,
         )
         self.momentum = momentum
         self.momentum_warmup = momentum_warmup
         self.warmup_iters = warmup_iters
         # ignite's protocol: the callable event_index -> momentum of the warm-up (or schedule), None without one
-        self._momentum_lambda_obj: Schedule | None = schedule
-        self.momentum_scheduler: Any = MomentumScheduler(self.ema)
+        self._momentum_lambda_obj: Schedule | None = lambda_obj
+        self.momentum_scheduler: Any = MomentumScheduler(lambda_obj or constant(momentum))
         # engine.state.iteration at the last update, for per_step; saved, so a resumed run counts on
         self._last_iteration: int | None = None
-        # the momentum of the last update (or the one loaded), for attach to put into engine.state
-        self._momentum: float | None = None
+        self._momentum: float | None = None  # the momentum of the last update
+        self._loaded_momentum: float | None = None  # the one engine.state held when saved, for attach to restore
         self._attached: list[tuple[weakref.ref[Engine], str]] = []
 
-    # The core holds the state; these are views of it, under ignite's names.
+    # The core holds the state; these are views of it, under ignite's names. Assigning what they already are
+    # (subclasses built like ignite's do) is fine; another EMA model is followed (see polyak.EMA.ema_model).
     @property
     def model(self) -> nn.Module:
         return self.ema.model
+
+    @model.setter
+    def model(self, value: nn.Module) -> None:
+        if value is not self.ema.model and unwrap_model(value) is not unwrap_model(self.ema.model):
+            raise ValueError(
+                "EMAHandler.model is the model given at construction; to average another model, build a new "
+                f"EMAHandler for it (got {type(value).__name__})"
+            )
 
     @property
     def ema_model(self) -> nn.Module:
         return self.ema.ema_model
 
+    @ema_model.setter
+    def ema_model(self, value: nn.Module) -> None:
+        self.ema.ema_model = value
+
     @property
     def handle_buffers(self) -> str:
         return self.ema.handle_buffers
+
+    @handle_buffers.setter
+    def handle_buffers(self, value: str) -> None:
+        self.ema.handle_buffers = value
 
     def attach(
         self,
@@ -284,8 +359,9 @@ class EMAHandler:
     ) -> RemovableEventHandle:
         """Update the EMA on ``event`` of ``engine``, with the momentum held in ``engine.state.<name>``.
 
-        Registers, in this order: :attr:`momentum_scheduler` (where there is a warm-up or a schedule), then
-        :meth:`_update_ema_model`, both on ``event``.
+        Registers, in this order: a :class:`MomentumScheduler` of ``_momentum_lambda_obj`` as
+        :attr:`momentum_scheduler` (where there is a warm-up or a schedule), then :meth:`_update_ema_model`, both
+        on ``event``. ``momentum`` and ``_momentum_lambda_obj`` are read now, as ignite does.
 
         Args:
             engine: the trainer to attach to.
@@ -303,14 +379,34 @@ class EMAHandler:
         """
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"name must be a Python identifier, got {name!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
         if name in _RESERVED_STATE_NAMES:
             raise ValueError(
                 f"name must not be one of ignite's own Engine.state attributes "
                 f"({', '.join(sorted(n for n in _RESERVED_STATE_NAMES if not n.startswith('_')))}), "
                 f"got {name!r}"
             )
+        lambda_obj = self._momentum_lambda_obj
+        scheduler = None
+        if lambda_obj is not None:
+            current = self.momentum_scheduler
+            if isinstance(current, MomentumScheduler) and not self._attached:
+                # the object a checkpoint's to_save may already hold: it goes on being the one that counts
+                scheduler, current.lambda_obj, current.param_name = current, lambda_obj, name
+            else:
+                before = getattr(current, "event_index", 0)
+                scheduler = MomentumScheduler(lambda_obj, name, event_index=before if isinstance(before, int) else 0)
+        # registered first (a bad event is refused here, before anything changed): the momentum, then the update
+        handles = [scheduler.attach(engine, event)] if scheduler is not None else []
+        try:
+            update = engine.add_event_handler(event, self._update_ema_model, name)
+            if self.ema.per_step and not engine.has_event_handler(self._start_counting, Events.STARTED):
+                handles.append(engine.add_event_handler(Events.STARTED, self._start_counting))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
         if hasattr(engine.state, name):
             if warn_if_exists:
                 warnings.warn(
@@ -320,23 +416,18 @@ class EMAHandler:
                     category=UserWarning,
                     stacklevel=2,
                 )
+        elif self._loaded_momentum is not None:
+            setattr(engine.state, name, self._loaded_momentum)
+        elif scheduler is not None:
+            setattr(engine.state, name, scheduler.get_param())
         else:
-            setattr(engine.state, name, self._current_momentum())
-        self._attached.append((weakref.ref(engine), name))
-        others = []
-        if self.ema.per_step and not engine.has_event_handler(self._start_counting, Events.STARTED):
-            others.append(engine.add_event_handler(Events.STARTED, self._start_counting))
-        if self._momentum_lambda_obj is not None:
-            # first the momentum, then the update that reads it
-            self.momentum_scheduler = MomentumScheduler(self.ema, name)
-            others.append(self.momentum_scheduler.attach(engine, event))
-        return _AttachHandle(engine.add_event_handler(event, self._update_ema_model, name), others)
-
-    def _current_momentum(self) -> float:
-        """What ``engine.state.<name>`` starts with: the last one used (or loaded), else the schedule's."""
-        if self._momentum is not None:
-            return self._momentum
-        return self.ema.momentum_at(max(1, self.ema.num_updates))
+            setattr(engine.state, name, self.momentum)
+        self._loaded_momentum = None  # restored once, into the engine of the resumed run
+        if scheduler is not None:
+            self.momentum_scheduler = scheduler
+        entry = (weakref.ref(engine), name)
+        self._attached.append(entry)
+        return _AttachHandle(update, handles, lambda: entry in self._attached and self._attached.remove(entry))
 
     def _start_counting(self, engine: Engine) -> None:
         # a first run, or a run that starts over (a finished engine restarts from iteration 0)
@@ -349,8 +440,12 @@ class EMAHandler:
         :meth:`attach` registers this method, as ignite's does; a subclass that overrides it decides what an
         update is (e.g. averaging only some tensors, with ``self.model`` and ``self.ema_model``).
         """
+        if not hasattr(engine.state, name):
+            raise AttributeError(
+                f"engine.state has no attribute {name!r}: EMAHandler.attach(engine, name={name!r}) sets it"
+            )
         # the momentum of this update, in [0, 1]: whoever wrote it (ignite's schedulers write 0.0 too)
-        momentum = _check_momentum(f"engine.state.{name}", getattr(engine.state, name, None), closed=True)
+        momentum = _check_momentum(f"engine.state.{name}", getattr(engine.state, name), closed=True)
         steps = 1
         if self.ema.per_step:
             steps = engine.state.iteration - (self._last_iteration or 0)
@@ -383,6 +478,9 @@ class EMAHandler:
         momentum = self._engine_momentum()
         if momentum is not None:
             state["momentum"] = momentum
+        events = getattr(self.momentum_scheduler, "event_index", None)
+        if self._momentum_lambda_obj is not None and isinstance(events, int):
+            state["scheduler_events"] = events
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -390,6 +488,7 @@ class EMAHandler:
 
         ``"momentum"`` is what ``engine.state.<name>`` holds when saved (whoever wrote it): a resumed run puts
         it back, so the next update uses what it would have used without the interruption.
+        ``"scheduler_events"`` is where the warm-up is (``momentum_scheduler.event_index``).
         """
         return {**self.ema.state_dict(), **self._own_state()}
 
@@ -412,14 +511,20 @@ class EMAHandler:
         momentum = state.pop("momentum", None)
         if momentum is not None:
             momentum = _check_momentum("state_dict['momentum']", momentum, closed=True)
+        events = state.pop("scheduler_events", None)
+        if events is not None:
+            events = _check_int("state_dict['scheduler_events']", events, 0)
         self.ema.load_state_dict(state)
         if last is not None:
             self._last_iteration = last
+        if events is not None and hasattr(self.momentum_scheduler, "event_index"):
+            self.momentum_scheduler.event_index = events
         self._momentum = momentum
-        for engine_ref, name in self._attached:
-            engine = engine_ref()
-            if engine is not None:
-                setattr(engine.state, name, self._current_momentum())
+        live = [(e(), name) for e, name in self._attached if e() is not None]
+        if momentum is not None:
+            for engine, name in live:
+                setattr(engine.state, name, momentum)
+        self._loaded_momentum = momentum if not live else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.ema!r})"

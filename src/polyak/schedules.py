@@ -38,9 +38,13 @@ Schedule = Callable[[int], float]
 
 
 def _scalar(value: object) -> object:
-    """A one-element real tensor as a Python number (configs pass 0-d tensors, as ignite accepts them)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
-        return value.item()
+    """A one-element real tensor or numpy array as a Python number (configs pass them; ignite accepts them)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+            return value.item()
+    elif type(value).__module__ == "numpy" and getattr(value, "size", None) == 1 and hasattr(value, "item"):
+        item = value.item()  # a numpy scalar or 0-d array
+        return item if not isinstance(item, (bool, complex)) else value
     return value
 
 
@@ -66,6 +70,8 @@ def _check_momentum(name: str, value: object, *, closed: bool = False) -> float:
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     value = _scalar(value)
+    if isinstance(value, float) and value.is_integer():  # 10.0 from a config: the int it means
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
@@ -123,12 +129,15 @@ class _LinearWarmup(_Saved):
     warmup_iters: int
 
     def __call__(self, k: int) -> float:
-        current = self.momentum_warmup + (self.momentum - self.momentum_warmup) * (k - 1) / max(
-            1, self.warmup_iters - 1
-        )
-        if self.momentum >= self.momentum_warmup:
-            return min(self.momentum, current)
-        return max(self.momentum, current)
+        return _warmup(self.momentum_warmup, self.momentum, self.warmup_iters, k)
+
+
+def _warmup(momentum_warmup: float, momentum: float, warmup_iters: float, k: int) -> float:
+    """ignite's arithmetic, to the last bit: linear from ``momentum_warmup``, clamped so it never passes."""
+    current = momentum_warmup + (momentum - momentum_warmup) * (k - 1) / max(1, warmup_iters - 1)
+    if momentum >= momentum_warmup:
+        return min(momentum, current)
+    return max(momentum, current)
 
 
 def linear_warmup(momentum_warmup: float, momentum: float, warmup_iters: int) -> Schedule:
