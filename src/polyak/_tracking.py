@@ -63,7 +63,7 @@ Selector = Callable[[str, Tensor], bool]
 def _globs(name: str, value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if value is None:
         return None
-    patterns = (value,) if isinstance(value, str) else tuple(value)
+    patterns = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else (value,)
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{name} must be a name or glob, or a sequence of them, got {value!r}")
     return patterns
@@ -72,7 +72,7 @@ def _globs(name: str, value: str | Sequence[str] | None) -> tuple[str, ...] | No
 def parameter_selector(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    where: Selector | None = None,
+    predicate: Selector | None = None,
     trainable_only: bool = False,
 ) -> Selector | None:
     """The rule that says which parameters are averaged, from the EMA's arguments; None: all of them.
@@ -81,9 +81,9 @@ def parameter_selector(
     (``"*.lora_*"``), matched against the whole name.
     """
     inc, exc = _globs("include", include), _globs("exclude", exclude)
-    if where is not None and not callable(where):
-        raise TypeError(f"where must be a callable (name, parameter) -> bool, got {where!r}")
-    if inc is None and exc is None and where is None and not trainable_only:
+    if predicate is not None and not callable(predicate):
+        raise TypeError(f"predicate must be a callable (name, parameter) -> bool, got {predicate!r}")
+    if inc is None and exc is None and predicate is None and not trainable_only:
         return None
 
     def selected(name: str, p: Tensor) -> bool:
@@ -93,7 +93,7 @@ def parameter_selector(
             return False
         if trainable_only and not p.requires_grad:
             return False
-        return where is None or bool(where(name, p))
+        return predicate is None or bool(predicate(name, p))
 
     return selected
 

@@ -601,6 +601,29 @@ class EMA:
         pairs = pair(unwrap_model(self.model), unwrap_model(self.ema_model), self.handle_buffers, self._selected)
         return [(sharding.local(p.online), sharding.local(p.ema)) for p in pairs if p.role != "share"]
 
+    @staticmethod
+    def _swap_in(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor] | None]:
+        """Trade values; where the two sides differ in dtype or device, keep both sides' values aside instead
+        (a trade through the other's dtype would round them)."""
+        kept: list[tuple[Tensor, Tensor] | None] = []
+        for online, ema in pairs:
+            if online.dtype == ema.dtype and online.device == ema.device:
+                _swap(online, ema)
+                kept.append(None)
+            else:
+                kept.append((online.clone(), ema.clone()))
+                online.copy_(ema)
+        return kept
+
+    @staticmethod
+    def _swap_out(pairs: list[tuple[Tensor, Tensor]], kept: list[tuple[Tensor, Tensor] | None]) -> None:
+        for (online, ema), aside in zip(pairs, kept, strict=True):
+            if aside is None:
+                _swap(online, ema)
+            else:
+                online.copy_(aside[0])
+                ema.copy_(aside[1])
+
     @contextlib.contextmanager
     def swapped(self) -> Iterator[nn.Module]:
         """Inside the block, the online model holds the EMA's weights (and buffers); yields the online model.
@@ -608,7 +631,9 @@ class EMA:
         The way to evaluate a model too large for a second copy on its device, or one sharded by FSDP: no
         extra model is built. The values trade places, so inside the block :attr:`ema_model` holds the online
         weights; on exit, also when the block raises, the online weights are back bit for bit. Inside, the
-        model *is* the EMA: what changes it (a BatchNorm forward in train mode) changes the EMA. An update
+        model *is* the EMA: what changes it (a BatchNorm forward in train mode) changes the EMA (where the two
+        models hold a tensor in different dtypes, e.g. after ``ema_model.float()``, both are kept aside
+        instead, and come back as they were). An update
         (also one from :meth:`hook` on an optimizer step, refused before the step) and :meth:`state_dict`,
         :meth:`load_state_dict` and :meth:`copy_to` are refused inside; a nested ``swapped()`` is part of the
         outer one.
@@ -641,16 +666,14 @@ class EMA:
             fsdp = self._fsdp_online + self._fsdp_ema
             sharding.reshard(fsdp)  # the swap is of the shards: no forward may reuse parameters gathered before
             pairs = self._swap_pairs()
-            for online, ema in pairs:
-                _swap(online, ema)
+            kept = self._swap_in(pairs)
         self._swap_depth = 1
         try:
             yield self.model
         finally:
             with torch.no_grad():
                 sharding.reshard(fsdp)
-                for online, ema in pairs:
-                    _swap(online, ema)
+                self._swap_out(pairs, kept)
             self._swap_depth = 0
 
     @torch.no_grad()
