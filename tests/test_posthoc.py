@@ -224,9 +224,10 @@ def test_a_writer_killed_mid_snapshot_leaves_earlier_snapshots_intact(tmp_path):
         import torch
         from torch import nn
         import polyak.posthoc as posthoc
+        import polyak.posthoc._files as posthoc_files
 
         folder = sys.argv[1]
-        real_save = posthoc.save_file
+        real_save = posthoc_files.save_file
 
         def killed_mid_write(tensors, filename, metadata=None):
             real_save(tensors, filename, metadata=metadata)
@@ -242,7 +243,7 @@ def test_a_writer_killed_mid_snapshot_leaves_earlier_snapshots_intact(tmp_path):
             with torch.no_grad():
                 model.weight.add_(0.01 * k)
             if k == 40:
-                posthoc.save_file = killed_mid_write
+                posthoc_files.save_file = killed_mid_write
             ema.update()
         print("not killed", flush=True)
         """
@@ -265,7 +266,7 @@ def test_a_writer_killed_mid_snapshot_leaves_earlier_snapshots_intact(tmp_path):
 
 
 def test_a_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
-    import polyak.posthoc as posthoc_module
+    import polyak.posthoc._files as posthoc_module
 
     model = nn.Linear(2, 2)
     posthoc = PostHocEMA(model, snapshot_every=2, directory=tmp_path)

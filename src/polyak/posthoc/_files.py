@@ -1,0 +1,187 @@
+"""The snapshot file format: names, metadata, atomic writes, and reading headers (never a pickle)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT = "polyak.posthoc"
+"""Value of the ``format`` metadata key of every file this module writes."""
+FORMAT_VERSION = "1"
+"""Value of the ``format_version`` metadata key; files of another version are refused."""
+
+_SNAPSHOT = "snapshot"
+_SYNTHESIZED = "synthesized"
+_MAX_SIGMA_REL = 12**-0.5
+_DTYPES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}  # "torch.float16": ...
+
+
+def snapshot_name(sigma_rel: float, t: int) -> str:
+    """The file name of the snapshot of profile ``sigma_rel`` after ``t`` updates."""
+    return f"ema-{sigma_rel:.4f}-{t:010d}.safetensors"
+
+
+def _is_writer() -> bool:
+    """False on every rank but 0 of an initialised ``torch.distributed`` process group."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows; renames are durable there
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write ``tensors`` to ``path`` so that ``path`` is either absent, its old self, or whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the header of one snapshot file says: enough to solve for its weight without reading tensors."""
+
+    path: Path
+    t: int
+    gamma: float
+    sigma_rel: float
+    tensors: dict[str, dict[str, Any]]  # name -> {"dtype": str, "averaged": bool}, in the model's order
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _bad(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a valid post-hoc EMA snapshot: {why}")
+
+
+def _read_header(path: Path) -> Snapshot | None:
+    """The snapshot in ``path``; None for a file this module wrote by :func:`save_synthesized`."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types (and OSError); name the file
+        raise _bad(path, f"{type(e).__name__}: {e}") from e
+    if metadata.get("format") != FORMAT:
+        raise _bad(path, f"its metadata has no format={FORMAT!r} marker (metadata keys: {sorted(metadata)})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise _bad(path, f"format_version {metadata.get('format_version')!r}, expected {FORMAT_VERSION!r}")
+    kind = metadata.get("kind")
+    if kind == _SYNTHESIZED:
+        return None
+    if kind != _SNAPSHOT:
+        raise _bad(path, f"kind {kind!r}, expected {_SNAPSHOT!r}")
+    try:
+        t = int(metadata["t"])
+        gamma = float(metadata["gamma"])
+        sigma_rel = float(metadata["sigma_rel"])
+        tensors = json.loads(metadata["tensors"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise _bad(path, f"unreadable metadata ({type(e).__name__}: {e})") from e
+    if t < 1 or not math.isfinite(gamma) or gamma < 0:
+        raise _bad(path, f"t={t}, gamma={gamma}: need t >= 1 and a finite gamma >= 0")
+    if (
+        not isinstance(tensors, dict)
+        or set(tensors) != set(shapes)
+        or not all(
+            isinstance(v, dict) and v.get("dtype") in _DTYPES and isinstance(v.get("averaged"), bool)
+            for v in tensors.values()
+        )
+    ):
+        raise _bad(path, "its 'tensors' metadata does not describe the tensors it holds")
+    return Snapshot(path, t, gamma, sigma_rel, tensors, shapes)
+
+
+def list_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
+    """The snapshots in ``directory``, sorted by time, then ``gamma``; reads only the files' headers.
+
+    Every ``*.safetensors`` file in the folder must be a snapshot or a file written by
+    :func:`save_synthesized` (those are skipped); other files (``*.pt``, temporary files) are ignored and
+    never opened.
+
+    Raises:
+        ValueError: ``directory`` is not a folder, holds no snapshot, holds a ``*.safetensors`` file that is
+            not a valid snapshot (the error names it), or two snapshots of the same time and profile.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ValueError(f"directory {str(folder)!r} does not exist or is not a folder")
+    snapshots = []
+    for path in sorted(folder.glob("*.safetensors")):
+        if not path.is_file():
+            continue
+        snapshot = _read_header(path)
+        if snapshot is not None:
+            snapshots.append(snapshot)
+    if not snapshots:
+        raise ValueError(f"directory {str(folder)!r} holds no post-hoc EMA snapshots (*.safetensors)")
+    snapshots.sort(key=lambda s: (s.t, s.gamma, s.path.name))
+    for a, b in itertools.pairwise(snapshots):
+        if a.t == b.t and a.gamma == b.gamma:
+            raise ValueError(
+                f"directory {str(folder)!r} holds two snapshots of the same time t={a.t} and gamma={a.gamma}: "
+                f"{a.path.name} and {b.path.name} (keep one run per folder)"
+            )
+    return snapshots
+
+
+def save_synthesized(
+    state: Mapping[str, Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a state dict (from :func:`synthesize`) atomically to a ``.safetensors`` file; returns its path.
+
+    The file is marked (``format="polyak.posthoc"``, ``kind="synthesized"``) so that :func:`synthesize`
+    skips it if it lands in a snapshot folder. Load it with ``safetensors.torch.load_file(path)``.
+
+    Args:
+        state: tensors by name; shared or non-contiguous ones are copied.
+        path: the file to write; its folder must exist.
+        metadata: extra string metadata (e.g. ``sigma_rel`` and ``t``).
+    """
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError("state must be a mapping of names to tensors")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ValueError(f"path {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, value in state.items():
+        value = value.detach().to("cpu")
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen or not value.is_contiguous():
+            value = value.contiguous().clone()
+        seen.add(value.untyped_storage().data_ptr())
+        tensors[name] = value
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, kind=_SYNTHESIZED)
+    _atomic_save(tensors, meta, target)
+    return target

@@ -1,0 +1,278 @@
+"""Tracking: the power-function EMAs of a model during training, and their snapshots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polyak._tracking import unwrap_model
+from polyak.ema import EMA, HANDLE_BUFFERS, _Together
+from polyak.posthoc._files import _SNAPSHOT, FORMAT, FORMAT_VERSION, _atomic_save, _is_writer, snapshot_name
+from polyak.schedules import _check_int, power_function
+
+_MAX_SIGMA_REL = 12**-0.5
+
+
+def _check_sigma_rel(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a real number in (0, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {value!r}")
+    value = float(value)
+    if not 0 < value < _MAX_SIGMA_REL:  # also refuses nan
+        raise ValueError(f"{name} must be in (0, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {value!r}")
+    return value
+
+
+class PostHocEMA:
+    r"""Power-function EMAs of a model's weights, snapshotted for post-hoc synthesis (EDM2).
+
+    Keeps one :class:`~polyak.EMA` with the :func:`~polyak.schedules.power_function` schedule per
+    ``sigma_rel`` (float32 masters for float16/bfloat16 models, as the core does by default). Call
+    :meth:`update` after each optimizer step; after every ``snapshot_every``-th update it writes one snapshot
+    of each profile into ``directory`` (see the module docstring for the format). Afterwards,
+    :func:`synthesize` rebuilds the EMA of any ``sigma_rel`` from the folder.
+
+    The update count ``t`` of the snapshots is the number of :meth:`update` calls (an update skipped by
+    ``skip_nonfinite`` does not count). Steps or samples would give the same synthesis: the units cancel.
+
+    In a distributed run (``torch.distributed`` initialised) every rank updates its EMAs, and only rank 0
+    creates the folder and writes.
+
+    Args:
+        model: the online model (``DataParallel``/``DistributedDataParallel`` are unwrapped as in
+            :class:`~polyak.EMA`).
+        sigma_rels: the relative widths of the tracked profiles, each in (0, 1/sqrt(12)), at least one,
+            distinct to 4 decimals (they name the files). EDM2 uses (0.05, 0.10).
+        snapshot_every: write snapshots after every this many updates (>= 1). Denser snapshots synthesize
+            more accurately: with 10 per profile the error is about 1e-3 of the weights' variation.
+        directory: the snapshot folder; created (with parents) if missing. Existing snapshots of the same
+            profile and time are replaced; keep one run per folder.
+        handle_buffers, dtype, skip_nonfinite, device: keyword-only; passed to each :class:`~polyak.EMA`.
+
+    Attributes:
+        emas: the :class:`~polyak.EMA` of each profile, in the order of ``sigma_rels``.
+        sigma_rels: the profiles' relative widths, as floats.
+        gammas: the profiles' exponents.
+        snapshot_every: as given.
+        directory: the snapshot folder, as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from polyak.posthoc import PostHocEMA, synthesize
+        >>> model = nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     posthoc = PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_every=5, directory=folder)
+        ...     for _ in range(20):
+        ...         optimizer.zero_grad()
+        ...         model(torch.randn(8, 2)).pow(2).mean().backward()
+        ...         optimizer.step()
+        ...         written = posthoc.update()
+        ...     state = synthesize(folder, sigma_rel=0.07)
+        ...     print(len(list(posthoc.directory.glob("*.safetensors"))), [p.name for p in written])
+        8 ['ema-0.0500-0000000020.safetensors', 'ema-0.1000-0000000020.safetensors']
+        >>> averaged = nn.Linear(2, 1)
+        >>> averaged.load_state_dict(state)
+        <All keys matched successfully>
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        snapshot_every: int = 1000,
+        directory: str | os.PathLike[str] = "posthoc_ema",
+        *,
+        handle_buffers: str = "copy",
+        dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
+            raise ValueError(f"sigma_rels must be a sequence of numbers, got {sigma_rels!r}")
+        sigmas = tuple(_check_sigma_rel("sigma_rels", s) for s in sigma_rels)
+        if not sigmas:
+            raise ValueError("sigma_rels must hold at least one relative width, got an empty sequence")
+        names = [snapshot_name(s, 0) for s in sigmas]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sigma_rels must differ in their first 4 decimals (they name the files), got {sigmas}")
+        self.snapshot_every = _check_int("snapshot_every", snapshot_every, 1)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, got {type(directory).__name__}: {directory!r}")
+        if handle_buffers not in HANDLE_BUFFERS:
+            raise ValueError(
+                f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {handle_buffers!r}"
+            )
+        self.directory = Path(directory)
+        self.sigma_rels = sigmas
+        self.handle_buffers = handle_buffers
+        self.emas = [
+            EMA(
+                model,
+                schedule=power_function(sigma_rel=s),
+                handle_buffers=handle_buffers,
+                dtype=dtype,
+                skip_nonfinite=skip_nonfinite,
+                device=device,
+            )
+            for s in sigmas
+        ]
+        self.gammas = tuple(ema.schedule.gamma for ema in self.emas)  # type: ignore[attr-defined]
+        self._together = _Together(self.emas)  # all profiles in one pass: the online model is read once
+        if _is_writer():
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def num_updates(self) -> int:
+        """How many updates have been made (the ``t`` of the next snapshot)."""
+        return self.emas[0].num_updates
+
+    @property
+    def ema_models(self) -> list[nn.Module]:
+        """The averaged model of each profile, in the order of ``sigma_rels``."""
+        return [ema.ema_model for ema in self.emas]
+
+    def update(self) -> list[Path]:
+        """Fold the online weights into every profile; write snapshots after every ``snapshot_every``-th.
+
+        Returns:
+            The snapshot files written by this call (none on most calls, and on ranks other than 0).
+        """
+        before = self.num_updates
+        self._together.update()
+        if self.num_updates != before and self.num_updates % self.snapshot_every == 0:
+            return self.snapshot()
+        return []
+
+    def snapshot(self) -> list[Path]:
+        """Write a snapshot of every profile now (e.g. at the end of training); returns the files written.
+
+        A snapshot at a time already written replaces it. Nothing is written on ranks other than 0.
+
+        Raises:
+            RuntimeError: before the first update (a profile at ``t = 0`` is empty).
+        """
+        t = self.num_updates
+        if t < 1:
+            raise RuntimeError("no snapshot before the first update: the profiles are empty at t = 0")
+        if not _is_writer():
+            return []
+        self.directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for sigma, gamma, ema in zip(self.sigma_rels, self.gammas, self.emas, strict=True):
+            tensors, info = _snapshot_tensors(ema, self.handle_buffers)
+            metadata = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "kind": _SNAPSHOT,
+                "t": str(t),
+                "gamma": repr(float(gamma)),
+                "sigma_rel": repr(float(sigma)),
+                "tensors": json.dumps(info),
+            }
+            path = self.directory / snapshot_name(sigma, t)
+            _atomic_save(tensors, metadata, path)
+            written.append(path)
+        return written
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each profile's :meth:`polyak.EMA.state_dict` and the profiles' widths; loads with ``weights_only``."""
+        return {
+            "sigma_rels": list(self.sigma_rels),
+            "snapshot_every": self.snapshot_every,
+            "emas": [ema.state_dict() for ema in self.emas],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`: the profiles continue where they stopped.
+
+        The profiles must match (same ``sigma_rels``, in order); everything is checked before anything
+        changes. ``snapshot_every`` may differ from the saved run's.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        missing = {"sigma_rels", "emas"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict lacks {sorted(missing)}; it has {sorted(state_dict)}")
+        saved = state_dict["sigma_rels"]
+        if (
+            not isinstance(saved, Sequence)
+            or len(saved) != len(self.sigma_rels)
+            or not all(
+                isinstance(a, Real) and math.isclose(float(a), b, rel_tol=1e-12)
+                for a, b in zip(saved, self.sigma_rels, strict=False)
+            )
+        ):
+            raise ValueError(
+                f"state_dict['sigma_rels'] must match this PostHocEMA's sigma_rels={list(self.sigma_rels)}, "
+                f"got {saved!r}"
+            )
+        emas = state_dict["emas"]
+        if not isinstance(emas, Sequence) or len(emas) != len(self.emas):
+            raise ValueError(f"state_dict['emas'] must be a list of {len(self.emas)} EMA states, got {emas!r:.200}")
+        # each EMA checks its state before changing anything; a later profile's failure undoes the earlier ones
+        backups = [_clone_tree(ema.state_dict()) for ema in self.emas]
+        try:
+            for ema, state in zip(self.emas, emas, strict=True):
+                ema.load_state_dict(state)
+            counts = [ema.num_updates for ema in self.emas]
+            if len(set(counts)) != 1:
+                raise ValueError(f"state_dict['emas'] must hold one update count for all profiles, got {counts}")
+        except BaseException:
+            for ema, backup in zip(self.emas, backups, strict=True):
+                ema.load_state_dict(backup)
+            raise
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(sigma_rels={self.sigma_rels}, snapshot_every={self.snapshot_every}, "
+            f"directory={str(self.directory)!r}, num_updates={self.num_updates})"
+        )
+
+
+def _clone_tree(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    return value
+
+
+def _widened(t: Tensor) -> Tensor:
+    """A fresh, contiguous CPU copy; float16/bfloat16 widened to float32 (losslessly)."""
+    dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+
+
+def _snapshot_tensors(ema: EMA, handle_buffers: str) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """The tensors of a snapshot (fresh copies: no shared storage) and the per-tensor metadata."""
+    module = unwrap_model(ema.ema_model)
+    state = ema.state_dict()
+    weights: dict[str, Tensor] = state["ema_model"]
+    masters: dict[str, Tensor] = state.get("master", {})
+    # tied weights appear in the state dict under each alias; the master is keyed by the first name only
+    by_storage = {
+        (weights[n].data_ptr(), tuple(weights[n].shape)): m for n, m in masters.items() if weights[n].numel() > 0
+    }
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    tensors: dict[str, Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, value in weights.items():
+        if not isinstance(value, Tensor):  # extra state of a module: not a tensor, not averaged
+            continue
+        averaged = value.is_floating_point() and (name in params or handle_buffers == "update")
+        source = value
+        if averaged:
+            source = masters.get(name, by_storage.get((value.data_ptr(), tuple(value.shape)), value))
+        tensors[name] = _widened(source) if averaged else value.detach().to("cpu", copy=True).contiguous()
+        info[name] = {"dtype": str(value.dtype), "averaged": averaged}
+    return tensors, info
