@@ -6,6 +6,7 @@ import io
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -370,13 +371,90 @@ def test_invalid_safetensors_files_are_named(worked64, tmp_path):
             synthesize(folder, 0.1)
 
 
+def test_a_second_run_into_the_same_folder_is_refused_at_its_first_write(tmp_path):
+    first = PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=tmp_path)
+    first.update()
+    second = PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=tmp_path)
+    with pytest.raises(ValueError, match=f"holds the snapshots of another run \\({first.run_id}\\)"):
+        second.update()
+    assert second.num_updates == 1  # the update happened; only its snapshot was refused
+    assert {s.run for s in list_snapshots(tmp_path)} == {first.run_id}  # nothing of the second run written
+
+
+def test_a_resumed_run_continues_its_id_and_its_folder(tmp_path):
+    first = PostHocEMA(nn.Linear(2, 2), snapshot_every=2, directory=tmp_path)
+    for _ in range(4):
+        first.update()
+    state = first.state_dict()
+    resumed = PostHocEMA(nn.Linear(2, 2), snapshot_every=2, directory=tmp_path)
+    assert resumed.run_id != first.run_id
+    resumed.load_state_dict(torch.load(io.BytesIO(_saved(state)), weights_only=True))
+    assert resumed.run_id == first.run_id
+    resumed.update()
+    resumed.update()
+    assert [s.t for s in list_snapshots(tmp_path)] == [2, 2, 4, 4, 6, 6]
+    synthesize(tmp_path, 0.07)
+
+
+def _saved(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_synthesize_refuses_a_folder_of_two_runs(tmp_path):
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        run = PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=tmp_path / f"run{seed}")
+        run.update()
+        for path in run.directory.iterdir():
+            path.rename(tmp_path / f"{seed}-{path.name}")
+    with pytest.raises(ValueError, match="holds the snapshots of 2 runs"):
+        synthesize(tmp_path, 0.1)
+
+
 def test_snapshots_of_different_models_are_refused(tmp_path):
-    PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=tmp_path).update()
-    other = PostHocEMA(nn.Linear(3, 2), snapshot_every=2, directory=tmp_path)
+    run = PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=tmp_path)
+    run.update()
+    other = PostHocEMA(nn.Linear(3, 2), snapshot_every=2, directory=tmp_path / "other")
+    other.run_id = run.run_id  # forged: one run, two models
     other.update()
     other.update()
+    for path in (tmp_path / "other").iterdir():
+        path.rename(tmp_path / path.name)
     with pytest.raises(ValueError, match="same tensors"):
         synthesize(tmp_path, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--sigma-rel", "1e-200"], "argument --sigma-rel: sigma_rel must be in \\[0.0001"),
+        (["--sigma-rel", "inf"], "argument --sigma-rel: sigma_rel must be in"),
+        (["--sweep", "0.03:inf:0.01"], "argument --sweep: needs STEP > 0 and START <= STOP"),
+        (["--sweep", "0.03:0.1:0"], "argument --sweep: needs STEP > 0"),
+        (["--sigma-rel", "0.1", "--step", "-3"], "step=-3 has no snapshot"),
+    ],
+)
+def test_command_line_refuses_bad_input_in_one_line(tmp_path, capsys, argv, match):
+    run = PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=tmp_path / "snaps")
+    run.update()
+    with pytest.raises(SystemExit) as exit_info:
+        code = posthoc_main(["--snapshots", str(tmp_path / "snaps"), "--out", str(tmp_path / "o.safetensors"), *argv])
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
+
+
+def test_command_line_never_overwrites_a_snapshot(tmp_path, capsys):
+    run = PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=tmp_path)
+    run.update()
+    target = tmp_path / snapshot_name(0.05, 1)
+    before = target.read_bytes()
+    assert posthoc_main(["--snapshots", str(tmp_path), "--sigma-rel", "0.07", "--out", str(target)]) == 2
+    assert "is a snapshot: it is never overwritten" in capsys.readouterr().err
+    assert target.read_bytes() == before
 
 
 def test_bad_constructor_arguments(tmp_path):

@@ -112,7 +112,7 @@ def test_power_function_closed_form_and_running_mean():
         (lambda: power_function(), ValueError, "exactly one of gamma or sigma_rel"),
         (lambda: power_function(gamma=1, sigma_rel=0.1), ValueError, "exactly one of gamma or sigma_rel"),
         (lambda: power_function(gamma=-0.5), ValueError, "gamma must be >= 0, got -0.5"),
-        (lambda: power_function(sigma_rel=0.3), ValueError, r"sigma_rel must be in \(0, 1/sqrt\(12\)"),
+        (lambda: power_function(sigma_rel=0.3), ValueError, r"sigma_rel must be in \[0.0001, 1/sqrt\(12\)"),
         (lambda: gamma_from_sigma_rel(0.0), ValueError, "sigma_rel must be in"),
     ],
 )

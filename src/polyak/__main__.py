@@ -223,9 +223,11 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]],
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``polyak`` argument parser, with one sub-parser per command."""
-    parser = argparse.ArgumentParser(prog="polyak", description="Exponential moving averages of PyTorch model weights.")
+    from polyak.posthoc._cli import OneLineErrors
+
+    parser = OneLineErrors(prog="polyak", description="Exponential moving averages of PyTorch model weights.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineErrors)
     for add_command in _COMMANDS:
         add_command(subparsers)
     return parser

@@ -79,6 +79,13 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _index(k: int) -> int:
+    """An update index: 1 for the first update (a schedule has nothing to say about update 0)."""
+    if k < 1:
+        raise ValueError(f"the update index k must be >= 1 (1 is the first update), got {k!r}")
+    return k
+
+
 class _Saved:
     """``state_dict()``/``load_state_dict()`` for a schedule: its parameters, as plain values.
 
@@ -129,7 +136,7 @@ class _LinearWarmup(_Saved):
     warmup_iters: int
 
     def __call__(self, k: int) -> float:
-        return _warmup(self.momentum_warmup, self.momentum, self.warmup_iters, k)
+        return _warmup(self.momentum_warmup, self.momentum, self.warmup_iters, _index(k))
 
 
 def _warmup(momentum_warmup: float, momentum: float, warmup_iters: float, k: int) -> float:
@@ -177,7 +184,7 @@ class _InverseGamma(_Saved):
     min_decay: float
 
     def __call__(self, k: int) -> float:
-        t = k - 1
+        t = _index(k) - 1
         decay = 0.0 if t <= 0 else 1.0 - (1.0 + t / self.gamma) ** -self.power
         return 1.0 - min(self.max_decay, max(self.min_decay, decay))
 
@@ -226,7 +233,7 @@ class _PowerFunction(_Saved):
     gamma: float
 
     def __call__(self, k: int) -> float:
-        return 1.0 - (1.0 - 1.0 / k) ** (self.gamma + 1.0)
+        return 1.0 - (1.0 - 1.0 / _index(k)) ** (self.gamma + 1.0)
 
     @property
     def sigma_rel(self) -> float:
@@ -234,6 +241,8 @@ class _PowerFunction(_Saved):
 
 
 _MAX_SIGMA_REL = 12**-0.5
+# Narrower profiles need gamma > 1e8: an EMA of a few steps, whose float64 profiles no longer resolve
+_MIN_SIGMA_REL = 1e-4
 
 
 def sigma_rel_from_gamma(gamma: float) -> float:
@@ -256,7 +265,8 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
     """The exponent ``gamma`` of the power-function EMA with relative width ``sigma_rel`` (EDM2).
 
     The largest real root of ``g**3 + 7 g**2 + (16 - T) g + (12 - T) = 0`` with ``T = sigma_rel**-2``;
-    defined for ``0 < sigma_rel < 1/sqrt(12)`` (the widest profile, gamma = 0, is the running mean).
+    defined for ``0 < sigma_rel < 1/sqrt(12)`` (the widest profile, gamma = 0, is the running mean); polyak
+    takes ``1e-4 <= sigma_rel`` (narrower ones need ``gamma > 1e8``, beyond float64's resolution of profiles).
 
     Example:
         >>> from polyak.schedules import gamma_from_sigma_rel
@@ -264,8 +274,10 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
         (16.9721986023, 6.9372039376)
     """
     sigma_rel = _check_real("sigma_rel", sigma_rel)
-    if not 0 < sigma_rel < _MAX_SIGMA_REL:
-        raise ValueError(f"sigma_rel must be in (0, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {sigma_rel!r}")
+    if not _MIN_SIGMA_REL <= sigma_rel < _MAX_SIGMA_REL:
+        raise ValueError(
+            f"sigma_rel must be in [{_MIN_SIGMA_REL}, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {sigma_rel!r}"
+        )
     t = sigma_rel**-2
     # The cubic is increasing past its largest root, and sigma_rel_from_gamma is decreasing in gamma:
     # bisect between 0 (where the cubic is 12 - T < 0) and a bound where it is positive, then polish.

@@ -7,13 +7,14 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from polyak.posthoc._files import list_snapshots, save_synthesized
+from polyak.posthoc._files import is_snapshot, list_snapshots, save_synthesized
 from polyak.posthoc._synthesis import _progress, _target_time, synthesize
-from polyak.posthoc._tracking import _MAX_SIGMA_REL, _check_sigma_rel
-from polyak.schedules import gamma_from_sigma_rel
+from polyak.posthoc._tracking import _check_sigma_rel
+from polyak.schedules import _MAX_SIGMA_REL, _MIN_SIGMA_REL, gamma_from_sigma_rel
 
 CLI_DESCRIPTION = (
     "Synthesize the power-function EMA of any sigma_rel from the snapshots of a polyak.posthoc.PostHocEMA "
@@ -25,10 +26,17 @@ CLI_DESCRIPTION = (
 _CLI_DTYPES = {"model": None, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: ...``) and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _sigma_rel_arg(text: str) -> float:
     try:
         return _check_sigma_rel("sigma_rel", float(text))
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -41,7 +49,7 @@ def _sweep_arg(text: str) -> list[float]:
         start, stop, stride = (float(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be START:STOP:STEP (e.g. 0.03:0.20:0.01), got {text!r}") from None
-    if not (math.isfinite(stride) and stride > 0 and start <= stop):
+    if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(stride) and stride > 0 and start <= stop):
         raise argparse.ArgumentTypeError(f"needs STEP > 0 and START <= STOP, got {text!r}")
     count = math.floor((stop - start) / stride + 1e-9) + 1
     if count > 10_000:
@@ -69,7 +77,7 @@ def add_posthoc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--sigma-rel",
         type=_sigma_rel_arg,
         metavar="S",
-        help=f"relative width of the EMA to synthesize, in (0, {_MAX_SIGMA_REL:.4f})",
+        help=f"relative width of the EMA to synthesize, in [{_MIN_SIGMA_REL}, {_MAX_SIGMA_REL:.4f})",
     )
     which.add_argument(
         "--sweep",
@@ -108,6 +116,9 @@ def posthoc_command(args: argparse.Namespace) -> int:
         else:
             target = out / _output_name(args.sigma_rel, t_r) if out.is_dir() else out
             targets = [(args.sigma_rel, target)]
+        for _, path in targets:
+            if is_snapshot(path):
+                raise ValueError(f"--out {str(path)!r} is a snapshot: it is never overwritten; choose another path")
         show = not args.no_progress
         for sigma_rel, path in _progress(targets, show and len(targets) > 1, "sweep"):
             state = synthesize(args.snapshots, sigma_rel, args.step, dtype=dtype, progress=show and len(targets) == 1)
@@ -141,7 +152,7 @@ def posthoc_main(argv: Sequence[str] | None = None) -> int:
         wrote ... (sigma_rel=0.07, t=4)
         True
     """
-    parser = argparse.ArgumentParser(prog="polyak posthoc", description=CLI_DESCRIPTION)
+    parser = OneLineErrors(prog="polyak posthoc", description=CLI_DESCRIPTION)
     add_posthoc_arguments(parser)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -24,7 +24,6 @@ FORMAT_VERSION = "1"
 
 _SNAPSHOT = "snapshot"
 _SYNTHESIZED = "synthesized"
-_MAX_SIGMA_REL = 12**-0.5
 _DTYPES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}  # "torch.float16": ...
 
 
@@ -77,6 +76,7 @@ class Snapshot:
     sigma_rel: float
     tensors: dict[str, dict[str, Any]]  # name -> {"dtype": str, "averaged": bool}, in the model's order
     shapes: dict[str, tuple[int, ...]]
+    run: str = ""  # the id of the PostHocEMA run that wrote it ("" for files written before runs had ids)
 
 
 def _bad(path: Path, why: str) -> ValueError:
@@ -118,7 +118,30 @@ def _read_header(path: Path) -> Snapshot | None:
         )
     ):
         raise _bad(path, "its 'tensors' metadata does not describe the tensors it holds")
-    return Snapshot(path, t, gamma, sigma_rel, tensors, shapes)
+    return Snapshot(path, t, gamma, sigma_rel, tensors, shapes, str(metadata.get("run", "")))
+
+
+def snapshot_runs(directory: Path) -> set[str]:
+    """The run ids of the snapshots in ``directory`` (empty if there are none, or no folder yet)."""
+    if not directory.is_dir():
+        return set()
+    runs = set()
+    for path in directory.glob("*.safetensors"):
+        if path.is_file():
+            snapshot = _read_header(path)
+            if snapshot is not None:
+                runs.add(snapshot.run)
+    return runs
+
+
+def is_snapshot(path: Path) -> bool:
+    """Whether ``path`` is a snapshot file (a synthesized file, or anything else, is not)."""
+    if not path.is_file():
+        return False
+    try:
+        return _read_header(path) is not None
+    except ValueError:
+        return False
 
 
 def list_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
@@ -130,7 +153,8 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
 
     Raises:
         ValueError: ``directory`` is not a folder, holds no snapshot, holds a ``*.safetensors`` file that is
-            not a valid snapshot (the error names it), or two snapshots of the same time and profile.
+            not a valid snapshot (the error names it), snapshots of several runs, or two snapshots of the
+            same time and profile.
     """
     folder = Path(directory)
     if not folder.is_dir():
@@ -145,6 +169,13 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
     if not snapshots:
         raise ValueError(f"directory {str(folder)!r} holds no post-hoc EMA snapshots (*.safetensors)")
     snapshots.sort(key=lambda s: (s.t, s.gamma, s.path.name))
+    runs = sorted({s.run for s in snapshots})
+    if len(runs) > 1:
+        counts = ", ".join(f"{run or '(no id)'}: {sum(s.run == run for s in snapshots)} files" for run in runs)
+        raise ValueError(
+            f"directory {str(folder)!r} holds the snapshots of {len(runs)} runs ({counts}): a synthesis mixes "
+            "nothing; keep one run per folder (move the others' files away)"
+        )
     for a, b in itertools.pairwise(snapshots):
         if a.t == b.t and a.gamma == b.gamma:
             raise ValueError(

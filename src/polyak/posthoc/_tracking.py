@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -15,18 +16,26 @@ from torch import Tensor, nn
 
 from polyak._tracking import unwrap_model
 from polyak.ema import EMA, HANDLE_BUFFERS, _Together
-from polyak.posthoc._files import _SNAPSHOT, FORMAT, FORMAT_VERSION, _atomic_save, _is_writer, snapshot_name
-from polyak.schedules import _check_int, power_function
-
-_MAX_SIGMA_REL = 12**-0.5
+from polyak.posthoc._files import (
+    _SNAPSHOT,
+    FORMAT,
+    FORMAT_VERSION,
+    _atomic_save,
+    _is_writer,
+    snapshot_name,
+    snapshot_runs,
+)
+from polyak.schedules import _MAX_SIGMA_REL, _MIN_SIGMA_REL, _check_int, power_function
 
 
 def _check_sigma_rel(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a real number in (0, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {value!r}")
+        raise ValueError(
+            f"{name} must be a real number in [{_MIN_SIGMA_REL}, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {value!r}"
+        )
     value = float(value)
-    if not 0 < value < _MAX_SIGMA_REL:  # also refuses nan
-        raise ValueError(f"{name} must be in (0, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {value!r}")
+    if not _MIN_SIGMA_REL <= value < _MAX_SIGMA_REL:  # also refuses nan
+        raise ValueError(f"{name} must be in [{_MIN_SIGMA_REL}, 1/sqrt(12) ~ {_MAX_SIGMA_REL:.6f}), got {value!r}")
     return value
 
 
@@ -52,8 +61,9 @@ class PostHocEMA:
             distinct to 4 decimals (they name the files). EDM2 uses (0.05, 0.10).
         snapshot_every: write snapshots after every this many updates (>= 1). Denser snapshots synthesize
             more accurately: with 10 per profile the error is about 1e-3 of the weights' variation.
-        directory: the snapshot folder; created (with parents) if missing. Existing snapshots of the same
-            profile and time are replaced; keep one run per folder.
+        directory: the snapshot folder; created (with parents) if missing. It belongs to one run: each
+            snapshot carries the run's id (:attr:`run_id`, saved in :meth:`state_dict`), and a folder that
+            holds another run's snapshots is refused at the first write, unless this one resumes that run.
         handle_buffers, dtype, skip_nonfinite, device: keyword-only; passed to each :class:`~polyak.EMA`.
 
     Attributes:
@@ -62,6 +72,7 @@ class PostHocEMA:
         gammas: the profiles' exponents.
         snapshot_every: as given.
         directory: the snapshot folder, as a :class:`~pathlib.Path`.
+        run_id: this run's id (a random hex string; a resumed run continues the saved one).
 
     Example:
         >>> import tempfile
@@ -113,6 +124,9 @@ class PostHocEMA:
                 f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {handle_buffers!r}"
             )
         self.directory = Path(directory)
+        # the id every snapshot of this run carries: a folder holding another run's is refused at the first write
+        self.run_id = uuid.uuid4().hex
+        self._folder_checked = False
         self.sigma_rels = sigmas
         self.handle_buffers = handle_buffers
         self.emas = [
@@ -156,16 +170,27 @@ class PostHocEMA:
     def snapshot(self) -> list[Path]:
         """Write a snapshot of every profile now (e.g. at the end of training); returns the files written.
 
-        A snapshot at a time already written replaces it. Nothing is written on ranks other than 0.
+        A snapshot at a time already written (by this run) replaces it. Nothing is written on ranks other than 0.
 
         Raises:
             RuntimeError: before the first update (a profile at ``t = 0`` is empty).
+            ValueError: the folder holds another run's snapshots (checked at the first write).
         """
         t = self.num_updates
         if t < 1:
             raise RuntimeError("no snapshot before the first update: the profiles are empty at t = 0")
         if not _is_writer():
             return []
+        if not self._folder_checked:
+            others = snapshot_runs(self.directory) - {self.run_id}
+            if others:
+                raise ValueError(
+                    f"directory {str(self.directory)!r} holds the snapshots of another run "
+                    f"({', '.join(sorted(r or '(no id)' for r in others))}), which a synthesis would mix with this "
+                    "one's: give this run an empty folder, or, to continue that run, load its state "
+                    "(PostHocEMA.load_state_dict) first"
+                )
+            self._folder_checked = True
         self.directory.mkdir(parents=True, exist_ok=True)
         written = []
         for sigma, gamma, ema in zip(self.sigma_rels, self.gammas, self.emas, strict=True):
@@ -178,6 +203,7 @@ class PostHocEMA:
                 "gamma": repr(float(gamma)),
                 "sigma_rel": repr(float(sigma)),
                 "tensors": json.dumps(info),
+                "run": self.run_id,
             }
             path = self.directory / snapshot_name(sigma, t)
             _atomic_save(tensors, metadata, path)
@@ -189,6 +215,7 @@ class PostHocEMA:
         return {
             "sigma_rels": list(self.sigma_rels),
             "snapshot_every": self.snapshot_every,
+            "run_id": self.run_id,
             "emas": [ema.state_dict() for ema in self.emas],
         }
 
@@ -196,7 +223,8 @@ class PostHocEMA:
         """Restore from :meth:`state_dict`: the profiles continue where they stopped.
 
         The profiles must match (same ``sigma_rels``, in order); everything is checked before anything
-        changes. ``snapshot_every`` may differ from the saved run's.
+        changes. ``snapshot_every`` may differ from the saved run's. The run's id is restored too: its
+        snapshot folder is this run's again.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -216,6 +244,9 @@ class PostHocEMA:
                 f"state_dict['sigma_rels'] must match this PostHocEMA's sigma_rels={list(self.sigma_rels)}, "
                 f"got {saved!r}"
             )
+        run_id = state_dict.get("run_id", self.run_id)
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"state_dict['run_id'] must be a non-empty string, got {run_id!r}")
         emas = state_dict["emas"]
         if not isinstance(emas, Sequence) or len(emas) != len(self.emas):
             raise ValueError(f"state_dict['emas'] must be a list of {len(self.emas)} EMA states, got {emas!r:.200}")
@@ -231,6 +262,8 @@ class PostHocEMA:
             for ema, backup in zip(self.emas, backups, strict=True):
                 ema.load_state_dict(backup)
             raise
+        if run_id != self.run_id:
+            self.run_id, self._folder_checked = run_id, False
 
     def __repr__(self) -> str:
         return (
