@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -14,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from polyak import _sharding as sharding
-from polyak._kernels import Buf, Compiled, Kernel, Lerp, Staged, Stochastic, copy, dense_strides, split_views
+from polyak._flat import compact_state_dicts, flatten, flattenable
+from polyak._kernels import Buf, Compiled, Kernel, Lerp, Staged, Stochastic
 from polyak._tracking import (
     Pair,
     Selector,
@@ -342,7 +342,7 @@ class EMA:
     def _kernels_for(self, members: list[Pair]) -> list[Kernel]:
         """The kernel(s) of one group: in flat mode, the flattenable tensors get a flat one."""
         if self.flat and not sharding.is_dtensor(members[0].online):
-            flat, rest = _flattenable(members, self._flat_storages)
+            flat, rest = flattenable(members, self._flat_storages)
             out = [self._kernel(flat, flat=True)] if flat else []
             return out + ([self._kernel(rest, flat=False)] if rest else [])
         return [self._kernel(members, flat=False)]
@@ -355,11 +355,11 @@ class EMA:
         online = Buf(list(map(sharding.local, online_t)))
         ema = Buf(list(map(sharding.local, ema_t)))
         if flat:
-            online.flat = _flatten(online_t)
-            ema.flat = _flatten(ema_t)
+            online.flat = flatten(online_t)
+            ema.flat = flatten(ema_t)
             self._flat_storages |= {online.flat.untyped_storage().data_ptr(), ema.flat.untyped_storage().data_ptr()}
-            _compact_state_dicts(unwrap_model(self.model), names)
-            _compact_state_dicts(unwrap_model(self.ema_model), names)
+            compact_state_dicts(unwrap_model(self.model), names)
+            compact_state_dicts(unwrap_model(self.ema_model), names)
         shards = (online_t, ema_t) if sharded else None
         ema_dtype = ema.views[0].dtype
         acc = self._accumulator_dtype(ema_dtype)
@@ -865,67 +865,6 @@ class _Handles:
         self.remove()
 
 
-class _Together:
-    """Several EMAs of one model (different schedules), updated in one pass.
-
-    The online values are staged once, and one ``_foreach_lerp_`` per group covers all of them, with a list of
-    momenta. Where the EMAs are not grouped alike (or use stochastic rounding, ``per_step`` or sharded
-    tensors), each updates on its own.
-    """
-
-    def __init__(self, emas: list[EMA]) -> None:
-        if any(e.model is not emas[0].model for e in emas):
-            raise ValueError("EMAs updated together must track the same model")
-        self.emas = emas
-
-    def _fused(self) -> bool:
-        first = self.emas[0]
-        if first.stochastic_rounding or first.per_step:
-            return False
-        for e in self.emas:
-            e._ensure_current()
-        shapes = [[(type(k), k.names, k.master is None) for k in e._kernels] for e in self.emas]
-        return all(s == shapes[0] for s in shapes) and all(
-            type(k) in (Lerp, Staged) and k.sharded is None for k in first._kernels
-        )
-
-    def update(self) -> list[float]:
-        emas = self.emas
-        for e in emas:
-            e._refuse_when_swapped("update()")
-        grad_was_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            if not self._fused():
-                return [e.update() for e in emas]
-            ks = [e.num_updates + 1 for e in emas]
-            ms = [float(e.schedule(k)) for e, k in zip(emas, ks, strict=True)]
-            for m, k in zip(ms, ks, strict=True):
-                if not 0.0 <= m <= 1.0:
-                    raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
-            first = emas[0]
-            first._stage()  # once for all: the others read the first one's staging buffers
-            if first.skip_nonfinite and first._skips(ks[0]):
-                for e in emas[1:]:
-                    e.num_skipped += 1
-                return [0.0] * len(emas)
-            for i, kernel in enumerate(first._kernels):
-                n = len(kernel.names)
-                accs = list(itertools.chain.from_iterable(e._kernels[i].accumulator.views for e in emas))
-                weights = list(itertools.chain.from_iterable([m] * n for m in ms))
-                torch._foreach_lerp_(accs, kernel.source().views * len(emas), weights)
-            for e in emas:
-                for kernel in e._kernels:
-                    if kernel.master is not None:
-                        copy(kernel.ema, kernel.master)
-                e._finish()
-        finally:
-            torch._C._set_grad_enabled(grad_was_enabled)
-        for e, k in zip(emas, ks, strict=True):
-            e.num_updates = k
-        return ms
-
-
 # -- helpers ------------------------------------------------------------------------------------------------
 def _check_device(device: object) -> torch.device:
     try:
@@ -937,95 +876,6 @@ def _check_device(device: object) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} is not available: torch.cuda.is_available() is False")
     return device
-
-
-def _owns_storage(t: Tensor) -> bool:
-    """Whether ``t`` alone uses its storage, laid out densely: then it can move into a flat buffer unseen."""
-    return (
-        t.storage_offset() == 0
-        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        and t.stride() == dense_strides(t)
-    )
-
-
-def _flattenable(members: list[Pair], ours: set[int]) -> tuple[list[Pair], list[Pair]]:
-    """Pairs whose tensors can be flattened (or already are, alike), and the rest (e.g. storage the user
-    shares between tensors, which flattening would split). A tensor in one of ``ours`` (flat buffers made
-    before) moves freely."""
-    if _flat_span(members) is not None:
-        return members, []
-
-    def movable(t: Tensor) -> bool:
-        return _owns_storage(t) or (t.untyped_storage().data_ptr() in ours and t.stride() == dense_strides(t))
-
-    ok, rest = [], []
-    for p in members:
-        alone = movable(p.online) and movable(p.ema)
-        (ok if alone and p.online.stride() == p.ema.stride() else rest).append(p)
-    return ok, rest
-
-
-def _flat_span(members: list[Pair]) -> Tensor | None:
-    """Where both models' tensors already lie one after the other in one buffer each (flattened by this or
-    another EMA of the same model), nothing needs to move."""
-    for side in ("online", "ema"):
-        tensors = [getattr(p, side) for p in members]
-        if _span(tensors) is None:
-            return None
-    return _span([p.online for p in members])
-
-
-def _span(tensors: list[Tensor]) -> Tensor | None:
-    storage = tensors[0].untyped_storage()
-    offset = tensors[0].storage_offset()
-    for t in tensors:
-        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset:
-            return None
-        if t.stride() != dense_strides(t):
-            return None
-        offset += t.numel()
-    first = tensors[0]
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
-        storage, first.storage_offset(), (offset - first.storage_offset(),), (1,)
-    )
-
-
-def _flatten(tensors: list[Tensor]) -> Tensor:
-    """Make ``tensors`` views into one new buffer (each keeping its layout), keeping their objects; or, where
-    they already lie one after the other in one buffer, use that."""
-    span = _span(tensors)
-    if span is not None:
-        return span
-    with torch.inference_mode(False), torch.no_grad():  # parameters must stay normal tensors
-        flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
-        for t, view in zip(tensors, split_views(flat, tensors), strict=True):
-            view.copy_(t)
-            t.data = view  # the same object, now backed by the flat buffer
-    return flat
-
-
-def _compact_state_dicts(module: nn.Module, names: list[str]) -> None:
-    """``state_dict()`` of the modules owning flattened tensors returns copies, each with its own storage, so
-    that ``torch.save`` of a submodule's state writes that submodule only and safetensors accepts it."""
-    owners = {n.rpartition(".")[0] for n in names}
-    for owner in owners:
-        sub = module.get_submodule(owner)
-        if not getattr(sub, "_polyak_compact_state_dict", False):
-            sub.register_state_dict_post_hook(_compact)
-            sub._polyak_compact_state_dict = True  # type: ignore[assignment]
-
-
-def _compact(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for name in itertools.chain(module._parameters, module._buffers):
-        key = prefix + name
-        value = state_dict.get(key)
-        if (
-            isinstance(value, Tensor)
-            and not isinstance(value, nn.Parameter)  # keep_vars=True: the caller asked for the objects
-            and value is not module._buffers.get(name)
-            and value.untyped_storage().nbytes() > value.numel() * value.element_size()
-        ):
-            state_dict[key] = value.clone()
 
 
 def _swap(a: Tensor, b: Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -14,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from polyak._kernels import Lerp, Staged, copy
 from polyak._tracking import unwrap_model
-from polyak.ema import EMA, HANDLE_BUFFERS, _Together
+from polyak.ema import EMA, HANDLE_BUFFERS
 from polyak.posthoc._files import (
     _SNAPSHOT,
     FORMAT,
@@ -309,3 +311,64 @@ def _snapshot_tensors(ema: EMA, handle_buffers: str) -> tuple[dict[str, Tensor],
         tensors[name] = _widened(source) if averaged else value.detach().to("cpu", copy=True).contiguous()
         info[name] = {"dtype": str(value.dtype), "averaged": averaged}
     return tensors, info
+
+
+class _Together:
+    """Several EMAs of one model (different schedules), updated in one pass.
+
+    The online values are staged once, and one ``_foreach_lerp_`` per group covers all of them, with a list of
+    momenta. Where the EMAs are not grouped alike (or use stochastic rounding, ``per_step`` or sharded
+    tensors), each updates on its own.
+    """
+
+    def __init__(self, emas: list[EMA]) -> None:
+        if any(e.model is not emas[0].model for e in emas):
+            raise ValueError("EMAs updated together must track the same model")
+        self.emas = emas
+
+    def _fused(self) -> bool:
+        first = self.emas[0]
+        if first.stochastic_rounding or first.per_step:
+            return False
+        for e in self.emas:
+            e._ensure_current()
+        shapes = [[(type(k), k.names, k.master is None) for k in e._kernels] for e in self.emas]
+        return all(s == shapes[0] for s in shapes) and all(
+            type(k) in (Lerp, Staged) and k.sharded is None for k in first._kernels
+        )
+
+    def update(self) -> list[float]:
+        emas = self.emas
+        for e in emas:
+            e._refuse_when_swapped("update()")
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            if not self._fused():
+                return [e.update() for e in emas]
+            ks = [e.num_updates + 1 for e in emas]
+            ms = [float(e.schedule(k)) for e, k in zip(emas, ks, strict=True)]
+            for m, k in zip(ms, ks, strict=True):
+                if not 0.0 <= m <= 1.0:
+                    raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
+            first = emas[0]
+            first._stage()  # once for all: the others read the first one's staging buffers
+            if first.skip_nonfinite and first._skips(ks[0]):
+                for e in emas[1:]:
+                    e.num_skipped += 1
+                return [0.0] * len(emas)
+            for i, kernel in enumerate(first._kernels):
+                n = len(kernel.names)
+                accs = list(itertools.chain.from_iterable(e._kernels[i].accumulator.views for e in emas))
+                weights = list(itertools.chain.from_iterable([m] * n for m in ms))
+                torch._foreach_lerp_(accs, kernel.source().views * len(emas), weights)
+            for e in emas:
+                for kernel in e._kernels:
+                    if kernel.master is not None:
+                        copy(kernel.ema, kernel.master)
+                e._finish()
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        for e, k in zip(emas, ks, strict=True):
+            e.num_updates = k
+        return ms
