@@ -219,21 +219,6 @@ def _polyak_skip_nonfinite(model: nn.Module, momentum: float) -> Step:
 
 
 @register(
-    "polyak-compile",
-    "polyak EMA (compile=True)",
-    "EMA(model, momentum=m, compile=True).update(): the master's update as one torch.compile'd kernel "
-    "(staging copy, then the kernel); compiled before timing",
-    applies=is_low_precision,
-)
-def _polyak_compile(model: nn.Module, momentum: float) -> Step:
-    from polyak import EMA
-
-    ema = EMA(model, momentum=momentum, compile=True)
-    ema.update()  # compile outside the timed calls
-    return ema.update
-
-
-@register(
     "polyak-flat-compile",
     "polyak EMA (flat=True, compile=True)",
     "EMA(model, momentum=m, flat=True, compile=True).update(), on a model of its own: one torch.compile'd "
@@ -289,8 +274,8 @@ def _fire(engine: Engine) -> Step:
 @register(
     "polyak-direct",
     "polyak.EMAHandler (handler call)",
-    "the registered handler called directly: handler._update(engine, 'ema_momentum') "
-    "= ema.update() + setattr(engine.state, ...)",
+    "the registered handler called directly: handler._update_ema_model(engine, 'ema_momentum') "
+    "= read engine.state's momentum + ema.update(momentum=...)",
     requires=("ignite",),
 )
 def _polyak_direct(model: nn.Module, momentum: float) -> Step:
@@ -298,7 +283,7 @@ def _polyak_direct(model: nn.Module, momentum: float) -> Step:
 
     handler, engine = EMAHandler(model, momentum=momentum), _engine()
     handler.attach(engine, "ema_momentum")
-    return functools.partial(handler._update, engine, "ema_momentum")
+    return functools.partial(handler._update_ema_model, engine, "ema_momentum")
 
 
 @register(

@@ -84,7 +84,7 @@ def measure(timing_kw: dict[str, Any], iterations: int = ITERATIONS) -> dict[str
             # the update alone: the registered handler called directly, as the engine event would
             handler, engine = _handler(which, _model()), Engine(lambda engine, batch: None)
             handler.attach(engine, name="ema_momentum")
-            call = handler._update if which == "polyak" else handler._update_ema_model
+            call = handler._update_ema_model
             steps[f"update-{which}"] = functools.partial(call, engine, "ema_momentum")
 
     timings, errors = measure_interleaved(steps, **timing_kw)
