@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import pickle
@@ -675,3 +676,71 @@ def test_profiles_updated_together_equal_separate_emas(tmp_path, dtype, handle_b
         if dtype == torch.bfloat16:
             for k, a in fused.state_dict()["master"].items():
                 assert torch.equal(a, alone.state_dict()["master"][k]), k
+
+
+class Counted(nn.Linear):
+    """A module with extra state (JSON), as some keep a step count or a config."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.steps = 0
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+def test_extra_state_is_kept_through_snapshots_synthesis_and_the_command_line(tmp_path):
+    model = nn.Sequential(Counted())
+    posthoc = PostHocEMA(model, snapshot_every=2, directory=tmp_path / "snaps")
+    for k in range(4):
+        posthoc.emas[0].ema_model[0].steps = posthoc.emas[1].ema_model[0].steps = k
+        posthoc.update()
+    state = synthesize(tmp_path / "snaps", 0.07)
+    target = nn.Sequential(Counted())
+    target.load_state_dict(state)
+    assert target[0].steps == 3
+    assert (
+        posthoc_main(
+            ["--snapshots", str(tmp_path / "snaps"), "--sigma-rel", "0.07", "--out", str(tmp_path / "o.safetensors")]
+        )
+        == 0
+    )
+    assert json.loads(safe_open_metadata(tmp_path / "o.safetensors")["extra_state"]) == {"0._extra_state": {"steps": 3}}
+
+
+def safe_open_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_extra_state_that_is_not_json_is_refused_clearly(tmp_path):
+    class Opaque(Counted):
+        def get_extra_state(self):
+            return object()
+
+    posthoc = PostHocEMA(nn.Sequential(Opaque()), snapshot_every=1, directory=tmp_path)
+    with pytest.raises(ValueError, match="extra state '0._extra_state' of the model .* never pickles"):
+        posthoc.update()
+
+
+def test_lora_post_hoc_ema_marks_only_the_adapter_averaged(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[0].requires_grad_(False)
+    posthoc = PostHocEMA(model, snapshot_every=1, directory=tmp_path, trainable_only=True)
+    assert posthoc.emas[0].ema_model[0].weight is model[0].weight  # shared: the frozen part costs nothing
+    posthoc.update()
+    (snapshot,) = [s for s in list_snapshots(tmp_path) if s.sigma_rel == 0.05]
+    assert {n for n, i in snapshot.tensors.items() if i["averaged"]} == {"1.weight", "1.bias"}
+
+
+@pytest.mark.parametrize(("device", "match"), [("meta", "must hold data"), ("cuda", "is not available")])
+def test_devices_that_cannot_hold_the_ema_are_refused(tmp_path, device, match):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    with pytest.raises(ValueError, match=match):
+        PostHocEMA(nn.Linear(2, 2), directory=tmp_path, device=device)

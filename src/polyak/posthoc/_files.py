@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -77,6 +78,7 @@ class Snapshot:
     tensors: dict[str, dict[str, Any]]  # name -> {"dtype": str, "averaged": bool}, in the model's order
     shapes: dict[str, tuple[int, ...]]
     run: str = ""  # the id of the PostHocEMA run that wrote it ("" for files written before runs had ids)
+    extra_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # modules' get_extra_state(), JSON
 
 
 def _bad(path: Path, why: str) -> ValueError:
@@ -118,7 +120,13 @@ def _read_header(path: Path) -> Snapshot | None:
         )
     ):
         raise _bad(path, "its 'tensors' metadata does not describe the tensors it holds")
-    return Snapshot(path, t, gamma, sigma_rel, tensors, shapes, str(metadata.get("run", "")))
+    try:
+        extra = json.loads(metadata.get("extra_state", "{}"))
+    except ValueError as e:
+        raise _bad(path, f"unreadable extra_state metadata ({e})") from e
+    if not isinstance(extra, dict):
+        raise _bad(path, "its extra_state metadata is not a mapping")
+    return Snapshot(path, t, gamma, sigma_rel, tensors, shapes, str(metadata.get("run", "")), extra)
 
 
 def snapshot_runs(directory: Path) -> set[str]:
@@ -191,21 +199,29 @@ def save_synthesized(
     """Write a state dict (from :func:`synthesize`) atomically to a ``.safetensors`` file; returns its path.
 
     The file is marked (``format="polyak.posthoc"``, ``kind="synthesized"``) so that :func:`synthesize`
-    skips it if it lands in a snapshot folder. Load it with ``safetensors.torch.load_file(path)``.
+    skips it if it lands in a snapshot folder. Load it with ``safetensors.torch.load_file(path)``; the
+    modules' extra state, if any, is in its metadata as JSON (``"extra_state"``).
 
     Args:
-        state: tensors by name; shared or non-contiguous ones are copied.
+        state: tensors by name (shared or non-contiguous ones are copied), and modules' extra state (JSON).
         path: the file to write; its folder must exist.
         metadata: extra string metadata (e.g. ``sigma_rel`` and ``t``).
     """
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError("state must be a mapping of names to tensors")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
+    extra = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
+    try:
+        extra_json = json.dumps(extra) if extra else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"state must map names to tensors (or JSON extra state), got {sorted(extra)}: {e}") from None
     target = Path(path)
     if not target.parent.is_dir():
         raise ValueError(f"path {str(target)!r}: folder {str(target.parent)!r} does not exist")
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for name, value in state.items():
+        if name in extra:
+            continue
         value = value.detach().to("cpu")
         ptr = value.untyped_storage().data_ptr()
         if ptr in seen or not value.is_contiguous():
@@ -214,5 +230,7 @@ def save_synthesized(
         tensors[name] = value
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, kind=_SYNTHESIZED)
+    if extra_json is not None:
+        meta["extra_state"] = extra_json
     _atomic_save(tensors, meta, target)
     return target

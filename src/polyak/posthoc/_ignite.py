@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,6 +52,10 @@ class PostHocEMAHandler:
         dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
         device: torch.device | str | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        predicate: Callable[[str, torch.Tensor], bool] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         self.posthoc = PostHocEMA(
             model,
@@ -62,6 +66,10 @@ class PostHocEMAHandler:
             dtype=dtype,
             skip_nonfinite=skip_nonfinite,
             device=device,
+            include=include,
+            exclude=exclude,
+            predicate=predicate,
+            trainable_only=trainable_only,
         )
 
     @property

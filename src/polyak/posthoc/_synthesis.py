@@ -76,7 +76,8 @@ def synthesize(
         progress: keyword-only; show a tqdm progress bar over the snapshots (if tqdm is installed).
 
     Returns:
-        A state dict for ``model.load_state_dict``, in the model's tensor order, on the CPU.
+        A state dict for ``model.load_state_dict``, in the model's tensor order, on the CPU (with the modules'
+        extra state, ``get_extra_state()``, of the latest snapshot).
 
     Raises:
         ValueError: ``sigma_rel`` is outside (0, 1/sqrt(12)) or not a number; ``step`` is not a snapshot
@@ -119,9 +120,10 @@ def synthesize(
         with safe_open(str(s.path), framework="pt", device="cpu") as f:
             for n in averaged:
                 acc[n].add_(f.get_tensor(n), alpha=weight)
-    out: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
     with safe_open(str(latest.path), framework="pt", device="cpu") as f:
         for name, info in latest.tensors.items():
             value = acc.pop(name) if info["averaged"] else f.get_tensor(name)
             out[name] = value.to(_output_dtype(info, dtype))
+    out.update(latest.extra_state)  # modules' extra state, as the latest snapshot has it
     return out

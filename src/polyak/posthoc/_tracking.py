@@ -7,7 +7,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from polyak._kernels import Lerp, Staged, copy
-from polyak._tracking import unwrap_model
 from polyak.ema import EMA, HANDLE_BUFFERS
 from polyak.posthoc._files import (
     _SNAPSHOT,
@@ -66,7 +65,9 @@ class PostHocEMA:
         directory: the snapshot folder; created (with parents) if missing. It belongs to one run: each
             snapshot carries the run's id (:attr:`run_id`, saved in :meth:`state_dict`), and a folder that
             holds another run's snapshots is refused at the first write, unless this one resumes that run.
-        handle_buffers, dtype, skip_nonfinite, device: keyword-only; passed to each :class:`~polyak.EMA`.
+        handle_buffers, dtype, skip_nonfinite, device, include, exclude, predicate, trainable_only: keyword-only;
+            passed to each :class:`~polyak.EMA` (the last four choose what is averaged: a LoRA adapter's
+            post-hoc EMA costs the adapter only).
 
     Attributes:
         emas: the :class:`~polyak.EMA` of each profile, in the order of ``sigma_rels``.
@@ -109,6 +110,10 @@ class PostHocEMA:
         dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
         device: torch.device | str | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        predicate: Callable[[str, torch.Tensor], bool] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
             raise ValueError(f"sigma_rels must be a sequence of numbers, got {sigma_rels!r}")
@@ -139,6 +144,10 @@ class PostHocEMA:
                 dtype=dtype,
                 skip_nonfinite=skip_nonfinite,
                 device=device,
+                include=include,
+                exclude=exclude,
+                predicate=predicate,
+                trainable_only=trainable_only,
             )
             for s in sigmas
         ]
@@ -196,7 +205,7 @@ class PostHocEMA:
         self.directory.mkdir(parents=True, exist_ok=True)
         written = []
         for sigma, gamma, ema in zip(self.sigma_rels, self.gammas, self.emas, strict=True):
-            tensors, info = _snapshot_tensors(ema, self.handle_buffers)
+            tensors, info, extra = _snapshot_tensors(ema, self.handle_buffers)
             metadata = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -207,6 +216,8 @@ class PostHocEMA:
                 "tensors": json.dumps(info),
                 "run": self.run_id,
             }
+            if extra:
+                metadata["extra_state"] = json.dumps(extra)
             path = self.directory / snapshot_name(sigma, t)
             _atomic_save(tensors, metadata, path)
             written.append(path)
@@ -288,29 +299,38 @@ def _widened(t: Tensor) -> Tensor:
     return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
 
 
-def _snapshot_tensors(ema: EMA, handle_buffers: str) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
-    """The tensors of a snapshot (fresh copies: no shared storage) and the per-tensor metadata."""
-    module = unwrap_model(ema.ema_model)
+def _snapshot_tensors(
+    ema: EMA, handle_buffers: str
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The tensors of a snapshot (fresh copies: no shared storage), the per-tensor metadata, and the modules'
+    extra state (``get_extra_state``), which must be JSON (a snapshot is never a pickle)."""
     state = ema.state_dict()
     weights: dict[str, Tensor] = state["ema_model"]
     masters: dict[str, Tensor] = state.get("master", {})
-    # tied weights appear in the state dict under each alias; the master is keyed by the first name only
-    by_storage = {
-        (weights[n].data_ptr(), tuple(weights[n].shape)): m for n, m in masters.items() if weights[n].numel() > 0
-    }
-    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    averaged_names = {n for k in ema._kernels for n in k.names}
+    # tied weights appear in the state dict under each alias; the kernels and masters know the first name only
+    key = lambda t: (t.data_ptr(), tuple(t.shape))  # noqa: E731
+    averaged_storage = {key(weights[n]) for n in averaged_names if weights[n].numel() > 0}
+    by_storage = {key(weights[n]): m for n, m in masters.items() if weights[n].numel() > 0}
     tensors: dict[str, Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
     for name, value in weights.items():
-        if not isinstance(value, Tensor):  # extra state of a module: not a tensor, not averaged
+        if not isinstance(value, Tensor):  # a module's extra state
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"the extra state {name!r} of the model ({type(value).__name__}) cannot go into a snapshot: "
+                    f"snapshots hold tensors and JSON, never pickles ({e})"
+                ) from None
+            extra[name] = value
             continue
-        averaged = value.is_floating_point() and (name in params or handle_buffers == "update")
-        source = value
-        if averaged:
-            source = masters.get(name, by_storage.get((value.data_ptr(), tuple(value.shape)), value))
+        averaged = name in averaged_names or (value.numel() > 0 and key(value) in averaged_storage)
+        source = masters.get(name, by_storage.get(key(value), value)) if averaged else value
         tensors[name] = _widened(source) if averaged else value.detach().to("cpu", copy=True).contiguous()
         info[name] = {"dtype": str(value.dtype), "averaged": averaged}
-    return tensors, info
+    return tensors, info, extra
 
 
 class _Together:
