@@ -28,6 +28,8 @@ MODES = {
     "bf16-master": dict(dtype=torch.bfloat16, kwargs={}),
     "bf16-master-flat": dict(dtype=torch.bfloat16, kwargs={"flat": True}),
     "update-buffers": dict(dtype=torch.float32, kwargs={"handle_buffers": "update"}),
+    "device": dict(dtype=torch.float32, kwargs={"device": "cpu"}),
+    "bf16-compile": dict(dtype=torch.bfloat16, kwargs={"flat": True, "compile": True}),
 }
 
 
