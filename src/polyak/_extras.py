@@ -8,6 +8,7 @@ from types import ModuleType
 # the distribution that provides each module, and the polyak extra that installs it
 _PROVIDERS = {
     "ignite": ("pytorch-ignite", "ignite"),
+    "lightning": ("lightning", "lightning"),
     "sklearn": ("scikit-learn", "demo"),
     "matplotlib": ("matplotlib", "demo"),
     "tqdm": ("tqdm", "demo"),

@@ -26,6 +26,7 @@ import torch
 __all__ = [
     "Schedule",
     "constant",
+    "delayed",
     "gamma_from_sigma_rel",
     "inverse_gamma",
     "linear_warmup",
@@ -324,3 +325,40 @@ def power_function(gamma: float | None = None, sigma_rel: float | None = None) -
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
     return _PowerFunction(gamma)
+
+
+@dataclass(frozen=True)
+class _Delayed(_Saved):
+    schedule: Schedule
+    start: int
+
+    def __call__(self, k: int) -> float:
+        k = _index(k)
+        return 1.0 if k <= self.start else float(self.schedule(k - self.start))
+
+    def state_dict(self) -> dict[str, Any]:
+        inner = self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else repr(self.schedule)
+        return {"schedule": type(self).__name__, "start": self.start, "inner": inner}
+
+
+def delayed(schedule: Schedule, start: int = 1) -> Schedule:
+    """Copy the online model for the first ``start`` updates, then follow ``schedule`` from its first update.
+
+    The delayed start of ema-pytorch and diffusers (``update_after_step``), and with ``start=1`` the "first
+    update copies" of ``torch.optim.swa_utils.AveragedModel``, timm without warm-up and Lightning's
+    ``EMAWeightAveraging``: update ``k`` uses momentum 1 (a copy) for ``k <= start``, else
+    ``schedule(k - start)``.
+
+    Args:
+        schedule: the schedule after the delay (``k = 1`` is the first update that averages).
+        start: how many updates copy, >= 0 (0: no delay).
+
+    Example:
+        >>> from polyak.schedules import constant, delayed
+        >>> s = delayed(constant(0.001), start=2)
+        >>> s(1), s(2), s(3), s(100)
+        (1.0, 1.0, 0.001, 0.001)
+    """
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
+    return _Delayed(schedule, _check_int("start", start, 0))

@@ -1,0 +1,457 @@
+"""polyak for Lightning: :class:`EMACallback` and :class:`PostHocEMACallback` (``pip install "polyak[lightning]"``).
+
+:class:`EMACallback` keeps a :class:`polyak.EMA` of the LightningModule's weights through ``trainer.fit``,
+updated once per optimizer step, evaluates with the averaged weights in validation, test and predict, and
+puts both weight sets in every checkpoint. It takes what Lightning's own ``EMAWeightAveraging`` takes
+(``decay``, ``update_every_n_steps``, ``update_starting_at_step``, ``update_starting_at_epoch``, ``device``,
+``should_update``) and everything of :class:`polyak.EMA`: schedules, a float32 master for bf16 models, a sharded
+EMA, parameter selection, ``skip_nonfinite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from polyak._extras import require
+
+require("lightning", "polyak.lightning")
+
+import torch  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.utilities.rank_zero import rank_zero_info  # noqa: E402
+from torch import nn  # noqa: E402
+
+from polyak.ema import EMA, HANDLE_BUFFERS  # noqa: E402
+from polyak.posthoc import PostHocEMA  # noqa: E402
+from polyak.schedules import Schedule, _check_int, _check_momentum, constant, delayed  # noqa: E402
+
+__all__ = ["EMACallback", "PostHocEMACallback"]
+
+_STAGES = ("validate", "test", "predict")
+
+
+class _StepCounter:
+    """Counts training steps: batches in which an optimizer stepped (``trainer.global_step`` advanced; with
+    several optimizers stepping in one batch, manual optimization, it advances by each but counts once)."""
+
+    _seen_steps = 0  # training steps seen
+    _last_global_step = 0
+
+    def _stepped(self, trainer: Trainer) -> bool:
+        if trainer.global_step <= self._last_global_step:
+            return False  # no optimizer step in this batch (accumulating gradients)
+        self._last_global_step = trainer.global_step
+        self._seen_steps += 1
+        return True
+
+    def _counter_state(self) -> dict[str, int]:
+        return {"seen_steps": self._seen_steps, "last_global_step": self._last_global_step}
+
+    def _load_counters(self, state: Mapping[str, Any]) -> None:
+        for key in ("seen_steps", "last_global_step"):
+            if key in state:
+                setattr(self, f"_{key}", _check_int(f"state_dict[{key!r}]", state[key], 0))
+
+
+class _Swapping:
+    """Evaluation with the EMA's weights: enters :meth:`polyak.EMA.swapped` at an evaluation epoch's start and
+    leaves it at its end, or when a hook raises (``on_exception``)."""
+
+    _swap: contextlib.AbstractContextManager[Any] | None = None
+    _said_not_yet = False
+
+    def _enter(self, ema: EMA | None) -> None:
+        if ema is None or self._swap is not None:
+            return
+        if ema.num_updates == 0:  # Lightning's evaluates a never-updated copy (#21724): not this one
+            if not self._said_not_yet:
+                rank_zero_info("polyak: no EMA update yet: this evaluation uses the online weights")
+                self._said_not_yet = True
+            return
+        self._swap = ema.swapped()
+        self._swap.__enter__()
+
+    def _leave(self) -> None:
+        swap, self._swap = self._swap, None
+        if swap is not None:
+            swap.__exit__(None, None, None)
+
+
+class EMACallback(_StepCounter, _Swapping, Callback):
+    r"""An exponential moving average of the LightningModule's weights, for ``lightning.Trainer``.
+
+    Hooks and what they do:
+
+    * ``on_fit_start`` (after the strategy set the module up: moved, converted by ``precision="bf16-true"``,
+      wrapped or sharded) builds the :class:`~polyak.EMA` (``callback.ema``); a checkpoint being resumed is
+      loaded into it then.
+    * ``on_train_batch_end`` updates it once per optimizer step (not per batch: right under
+      ``accumulate_grad_batches`` and manual optimization), when :meth:`should_update` says so. With
+      ``update_every_n_steps=n`` and ``per_step=True`` (the default) an update after ``n`` steps uses
+      ``1 - (1 - m) ** n``, so the EMA's length does not depend on ``n``.
+    * ``on_train_epoch_end`` updates once more when :meth:`should_update` says so for the epoch (only with
+      ``update_starting_at_epoch``, as Lightning's).
+    * ``on_{validation,test,predict}_epoch_start/end`` evaluate with the EMA's weights in the module (its
+      values trade places with the EMA model's, no copy of the model) and restore the online weights bit for
+      bit after, also when a hook raises (``on_exception``). Before the first update the online weights are
+      evaluated (a never-updated EMA is not worth evaluating), with one log line.
+    * ``on_train_end``: with ``weights_at_end="ema"`` (Lightning's choice) the module keeps the EMA's weights
+      after ``fit``; with ``"online"`` its own.
+    * ``on_save_checkpoint``: the checkpoint's ``state_dict`` holds the EMA's weights (so that the best
+      checkpoint of ``ModelCheckpoint`` is the averaged model, and loading it for inference needs no
+      polyak), ``current_model_state`` the online ones, and the callback's state (``checkpoint["callbacks"]``)
+      the update count, the float32 masters and the step counters; only tensors and plain values, so the
+      file loads with ``torch.load(weights_only=True)``.
+    * ``on_load_checkpoint``: resuming with ``Trainer(ckpt_path=...)`` continues exactly as an uninterrupted
+      run. A checkpoint of Lightning's ``EMAWeightAveraging`` is taken too (its ``n_averaged`` as the count),
+      and one without any EMA starts the EMA from its weights; each says so in one log line.
+
+    Args:
+        momentum: weight of the online model in each update (polyak's convention), in (0, 1); or give
+            ``decay = 1 - momentum`` (Lightning's); neither: ``decay=0.999``. The first update copies the
+            online weights, as in Lightning's, unless a ``schedule`` is given.
+        decay: Lightning's and timm's convention: ``momentum = 1 - decay``.
+        schedule: a callable ``k -> momentum`` (see :mod:`polyak.schedules`), instead of the two above.
+        update_every_n_steps: update after every ``n``-th optimizer step.
+        update_starting_at_step: no update before this optimizer step (0-based, as Lightning counts).
+        update_starting_at_epoch: also update at the end of each epoch from this one on (Lightning's).
+        validate, test, predict: evaluate with the EMA's weights in these loops.
+        weights_at_end: ``"ema"`` or ``"online"``: what the module holds after ``fit``.
+        ema_model: a callable ``pl_module -> module`` that builds the EMA module, for modules that cannot
+            be deep-copied (FSDP2 through ``ModelParallelStrategy``: build it sharded like the module).
+        per_step, handle_buffers, dtype, stochastic_rounding, seed, skip_nonfinite, device, flat, compile,
+            include, exclude, predicate, trainable_only: as for :class:`polyak.EMA`; ``handle_buffers``
+            defaults to ``"update"`` here (Lightning's averages buffers too).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import lightning as L
+        >>> from polyak.lightning import EMACallback
+        >>> class Net(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(4, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self.layer(batch).pow(2).mean()
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> ema = EMACallback(decay=0.99)
+        >>> trainer = L.Trainer(max_steps=5, callbacks=[ema], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Net(), torch.utils.data.DataLoader(torch.randn(20, 4), batch_size=4))
+        >>> ema.ema.num_updates
+        5
+    """
+
+    def __init__(
+        self,
+        momentum: float | None = None,
+        *,
+        decay: float | None = None,
+        schedule: Schedule | None = None,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        update_starting_at_epoch: int | None = None,
+        validate: bool = True,
+        test: bool = True,
+        predict: bool = True,
+        weights_at_end: str = "ema",
+        ema_model: Callable[[LightningModule], nn.Module] | None = None,
+        per_step: bool = True,
+        handle_buffers: str = "update",
+        dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        skip_nonfinite: bool = False,
+        device: torch.device | str | None = None,
+        flat: bool = False,
+        compile: bool = False,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        predicate: Callable[[str, torch.Tensor], bool] | None = None,
+        trainable_only: bool = False,
+    ) -> None:
+        given = [n for n, v in (("momentum", momentum), ("decay", decay), ("schedule", schedule)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of momentum, decay or schedule, got {', '.join(given)}")
+        if schedule is None:
+            if momentum is None:
+                momentum = 1.0 - _check_momentum("decay", 0.999 if decay is None else decay)
+            schedule = delayed(constant(_check_momentum("momentum", momentum)), 1)
+        elif not callable(schedule):
+            raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
+        self.update_every_n_steps = _check_int("update_every_n_steps", update_every_n_steps, 1)
+        self.update_starting_at_step = (
+            None
+            if update_starting_at_step is None
+            else _check_int("update_starting_at_step", update_starting_at_step, 0)
+        )
+        self.update_starting_at_epoch = (
+            None
+            if update_starting_at_epoch is None
+            else _check_int("update_starting_at_epoch", update_starting_at_epoch, 0)
+        )
+        if weights_at_end not in ("ema", "online"):
+            raise ValueError(f"weights_at_end must be 'ema' or 'online', got {weights_at_end!r}")
+        if handle_buffers not in HANDLE_BUFFERS:
+            raise ValueError(
+                f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {handle_buffers!r}"
+            )
+        if ema_model is not None and not callable(ema_model):
+            raise TypeError(f"ema_model must be a callable pl_module -> module, got {ema_model!r}")
+        self.evaluate = {"validate": bool(validate), "test": bool(test), "predict": bool(predict)}
+        self.weights_at_end = weights_at_end
+        self.schedule = schedule
+        self._ema_model_factory = ema_model
+        self._options: dict[str, Any] = dict(
+            per_step=per_step,
+            handle_buffers=handle_buffers,
+            dtype=dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+            skip_nonfinite=skip_nonfinite,
+            device=device,
+            flat=flat,
+            compile=compile,
+            include=include,
+            exclude=exclude,
+            predicate=predicate,
+            trainable_only=trainable_only,
+        )
+        self.ema: EMA | None = None
+        self._last_update_step = 0
+        self._last_update_epoch = -1
+        self._pending: dict[str, Any] = {}  # what a checkpoint holds for the EMA, until on_fit_start builds it
+
+    # -- when ------------------------------------------------------------------------------------------------
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Whether to update after optimizer step ``step_idx`` (0-based) or at the end of epoch ``epoch_idx``.
+
+        Lightning's extension point, with its semantics: after a step, when ``step_idx`` is past
+        ``update_starting_at_step`` and a multiple of ``update_every_n_steps``; at an epoch's end, when
+        ``update_starting_at_epoch`` is set and reached. Override it to decide otherwise.
+        """
+        if step_idx is not None:
+            started = self.update_starting_at_step is None or step_idx >= self.update_starting_at_step
+            if started and step_idx % self.update_every_n_steps == 0:
+                return True
+        return (
+            epoch_idx is not None
+            and self.update_starting_at_epoch is not None
+            and epoch_idx >= self.update_starting_at_epoch
+        )
+
+    # -- building the EMA --------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.ema is None:
+            ema_model = self._ema_model_factory(pl_module) if self._ema_model_factory is not None else None
+            self.ema = EMA(pl_module, schedule=self.schedule, ema_model=ema_model, **self._options)
+        if self._pending:
+            self._restore()
+
+    # -- updating ----------------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.ema is None or not self._stepped(trainer):
+            return
+        if self.should_update(step_idx=self._seen_steps - 1):
+            steps = self._seen_steps - self._last_update_step
+            self.ema.update(steps=steps if self.ema.per_step else 1)
+            self._last_update_step = self._seen_steps
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.ema is not None and epoch > self._last_update_epoch and self.should_update(epoch_idx=epoch):
+            self.ema.update()
+            self._last_update_epoch = epoch
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave()
+        if self.weights_at_end == "ema" and self.ema is not None and self.ema.num_updates > 0:
+            self.ema.copy_to(pl_module)
+
+    # -- evaluating with the EMA's weights ---------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.evaluate["validate"]:
+            self._enter(self.ema)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave()
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.evaluate["test"]:
+            self._enter(self.ema)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave()
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.evaluate["predict"]:
+            self._enter(self.ema)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._leave()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's part of a checkpoint: the EMA's state but its weights (those are the checkpoint's
+        ``state_dict``), and the step counters."""
+        state: dict[str, Any] = {
+            **self._counter_state(),
+            "last_update_step": self._last_update_step,
+            "last_update_epoch": self._last_update_epoch,
+        }
+        if self.ema is not None:
+            state["ema"] = {k: v for k, v in self._ema_state().items() if k != "ema_model"}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        counters = {
+            k: _check_int(f"state_dict[{k!r}]", state_dict[k], -1)
+            for k in ("last_update_step", "last_update_epoch")
+            if k in state_dict
+        }
+        if "ema" in state_dict and not isinstance(state_dict["ema"], Mapping):
+            raise TypeError(f"state_dict['ema'] must be a mapping, got {type(state_dict['ema']).__name__}")
+        self._load_counters(state_dict)
+        self._last_update_step = counters.get("last_update_step", self._last_update_step)
+        self._last_update_epoch = counters.get("last_update_epoch", self._last_update_epoch)
+        if "ema" in state_dict:
+            self._pending["ema"] = dict(state_dict["ema"])
+            self._restore_when_ready()
+
+    def _ema_state(self) -> dict[str, Any]:
+        assert self.ema is not None
+        with self._paused():  # inside an evaluation (a checkpoint saved there): the EMA's own state
+            return self.ema.state_dict()
+
+    @contextlib.contextmanager
+    def _paused(self) -> Any:
+        swapped = self._swap is not None
+        self._leave()
+        try:
+            yield
+        finally:
+            if swapped:
+                self._enter(self.ema)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.ema is None:
+            return  # outside fit: the module's own weights (after fit, the EMA's with weights_at_end="ema")
+        if self._swap is None:
+            online = checkpoint.get("state_dict")
+            averaged = self.ema.ema_model.state_dict()
+        else:  # saved inside an evaluation: the module holds the EMA's weights, the EMA model the online ones
+            averaged = checkpoint.get("state_dict")
+            online = {k: v.detach().clone() for k, v in self.ema.ema_model.state_dict().items()}
+        checkpoint["current_model_state"] = online
+        checkpoint["state_dict"] = averaged
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        online = checkpoint.get("current_model_state")
+        if online is not None:
+            pl_module.load_state_dict(online)  # the module loaded the EMA's weights from state_dict: undo that
+        own = any(isinstance(v, Mapping) and "last_update_step" in v for v in checkpoint.get("callbacks", {}).values())
+        if not own:
+            count = 0
+            if online is not None and "averaging_state" in checkpoint:
+                count = int(checkpoint["averaging_state"].get("n_averaged", 0))
+                rank_zero_info(
+                    "polyak: this checkpoint was written by Lightning's EMAWeightAveraging: its averaged weights and "
+                    f"its count ({count} updates) start the EMA"
+                )
+            else:
+                rank_zero_info("polyak: this checkpoint holds no EMA: the EMA starts from its weights")
+            self._pending["ema"] = {"num_updates": count}
+        self._pending["weights"] = checkpoint.get("state_dict")
+        self._restore_when_ready()
+
+    def _restore_when_ready(self) -> None:
+        if self.ema is not None and "ema" in self._pending and "weights" in self._pending:
+            self._restore()
+
+    def _restore(self) -> None:
+        assert self.ema is not None
+        state = dict(self._pending.get("ema", {}))
+        state.setdefault("num_updates", 0)
+        weights = self._pending.get("weights")
+        state["ema_model"] = weights if weights is not None else self.ema.ema_model.state_dict()
+        self._pending = {}
+        self.ema.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(schedule={self.schedule!r}, ema={self.ema!r})"
+
+
+class PostHocEMACallback(_StepCounter, Callback):
+    """Post-hoc EMA (EDM2) for ``lightning.Trainer``: a :class:`polyak.posthoc.PostHocEMA` of the module,
+    updated once per optimizer step and snapshotted every ``snapshot_every`` updates into ``directory`` (by
+    rank 0), with a last snapshot when ``fit`` ends. Resumable: its state (every profile's EMA and the run's
+    id) goes into the checkpoint's ``callbacks`` section. After training, ``polyak.posthoc.synthesize`` (or
+    ``python -m polyak posthoc``) rebuilds the EMA of any ``sigma_rel``.
+
+    Args:
+        sigma_rels, snapshot_every, directory: as for :class:`~polyak.posthoc.PostHocEMA`.
+        snapshot_at_end: write a snapshot of every profile when ``fit`` ends (unless one was just written).
+        kwargs: keyword-only options of :class:`~polyak.posthoc.PostHocEMA` (``dtype``, ``device``,
+            ``trainable_only``, ...).
+    """
+
+    def __init__(
+        self,
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        snapshot_every: int = 1000,
+        directory: str = "posthoc_ema",
+        *,
+        snapshot_at_end: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self._args = (sigma_rels, snapshot_every, directory)
+        self._kwargs = kwargs
+        self.snapshot_at_end = bool(snapshot_at_end)
+        self.posthoc: PostHocEMA | None = None
+        self._pending: Mapping[str, Any] | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.posthoc is None:
+            self.posthoc = PostHocEMA(pl_module, *self._args, **self._kwargs)
+        if self._pending is not None:
+            self.posthoc.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.posthoc is not None and self._stepped(trainer):
+            self.posthoc.update()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        p = self.posthoc
+        if self.snapshot_at_end and p is not None and p.num_updates > 0 and p.num_updates % p.snapshot_every:
+            p.snapshot()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = self._counter_state()
+        if self.posthoc is not None:
+            state["posthoc"] = self.posthoc.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        self._load_counters(state_dict)
+        if "posthoc" in state_dict:
+            if self.posthoc is not None:
+                self.posthoc.load_state_dict(state_dict["posthoc"])
+            else:
+                self._pending = state_dict["posthoc"]
