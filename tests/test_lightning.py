@@ -402,6 +402,71 @@ def test_ddp_ranks_hold_the_same_ema(tmp_path: Path) -> None:
     assert not torch.equal(ranks[0]["ema"]["net.0.weight"], ranks[0]["online"]["net.0.weight"])
 
 
+FSDP_SCRIPT = """
+import sys, torch, lightning as L
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.callbacks import ModelCheckpoint
+from polyak.lightning import EMACallback
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    def configure_model(self):
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+    def training_step(self, batch, batch_idx): return self.net(batch).pow(2).mean()
+    def configure_optimizers(self): return torch.optim.SGD(self.parameters(), lr=0.1)
+
+def build_ema(module):
+    with torch.device("meta"):
+        ema = Net()
+    ema._device_mesh = module.device_mesh
+    ema.configure_model()
+    return ema.to_empty(device=module.device)
+
+def run(out, epochs, save=False, resume=False):
+    ema = EMACallback(decay=0.9, weights_at_end="online", ema_model=build_ema)
+    callbacks = [ema] + ([ModelCheckpoint(dirpath=f"{out}/ckpt", save_last=True)] if save else [])
+    t = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), max_epochs=epochs, logger=False,
+                  callbacks=callbacks, enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False)
+    model = Net()
+    data = torch.utils.data.DataLoader(torch.randn(64, 4, generator=torch.Generator().manual_seed(1)), batch_size=8)
+    t.fit(model, data, ckpt_path=f"{out}/ckpt/last.ckpt" if resume else None)
+    whole = lambda sd: {k: v.full_tensor() for k, v in sd.items()}
+    local = sum(p._local_tensor.numel() for p in ema.ema.ema_model.parameters())
+    return t.global_rank, {"ema": whole(ema.ema.ema_model.state_dict()), "online": whole(model.state_dict()),
+                           "updates": ema.ema.num_updates, "local": local}
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    rank, full = run(out, 2)
+    run(out, 1, save=True)
+    _, resumed = run(out, 2, resume=True)
+    torch.save({"full": full, "resumed": resumed}, f"{out}/rank{rank}.pt")
+"""
+
+
+def test_fsdp2_through_model_parallel_strategy_is_sharded_and_resumes_exactly(tmp_path: Path) -> None:
+    """An uninterrupted run, a run stopped after one epoch with a (distributed) checkpoint, and its resumption."""
+    run_two_ranks(tmp_path, FSDP_SCRIPT)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        full, resumed = rank["full"], rank["resumed"]
+        assert full["updates"] == resumed["updates"] == 8  # 2 epochs of 4 steps (64 samples, 2 ranks, batch 8)
+        for part in ("ema", "online"):
+            for k, v in full[part].items():
+                assert torch.equal(v, resumed[part][k]), (part, k)
+        assert not torch.equal(full["ema"]["net.0.weight"], full["online"]["net.0.weight"])
+        assert full["local"] < sum(v.numel() for v in full["ema"].values())  # each rank holds its shard only
+    for k, v in ranks[0]["full"]["ema"].items():
+        assert torch.equal(v, ranks[1]["full"]["ema"][k]), k
+
+
 # -- post-hoc ------------------------------------------------------------------------------------------------------
 def test_post_hoc_callback_writes_snapshots_and_resumes(tmp_path: Path) -> None:
     full = PostHocEMACallback(snapshot_every=4, directory=str(tmp_path / "full"))

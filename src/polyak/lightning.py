@@ -104,7 +104,10 @@ class EMACallback(_StepCounter, _Swapping, Callback):
       checkpoint of ``ModelCheckpoint`` is the averaged model, and loading it for inference needs no
       polyak), ``current_model_state`` the online ones, and the callback's state (``checkpoint["callbacks"]``)
       the update count, the float32 masters and the step counters; only tensors and plain values, so the
-      file loads with ``torch.load(weights_only=True)``.
+      file loads with ``torch.load(weights_only=True)``. A sharded EMA (FSDP2 through
+      ``ModelParallelStrategy``) leaves ``state_dict`` to the strategy (the online weights, written shard by
+      shard) and puts the EMA in the callback's state, gathered whole (masters included, so resuming is
+      exact on any number of ranks).
     * ``on_load_checkpoint``: resuming with ``Trainer(ckpt_path=...)`` continues exactly as an uninterrupted
       run. A checkpoint of Lightning's ``EMAWeightAveraging`` is taken too (its ``n_averaged`` as the count),
       and one without any EMA starts the EMA from its weights; each says so in one log line.
@@ -310,8 +313,15 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             "last_update_epoch": self._last_update_epoch,
         }
         if self.ema is not None:
-            state["ema"] = {k: v for k, v in self._ema_state().items() if k != "ema_model"}
+            if self._sharded():  # the EMA whole (a collective: Lightning asks every rank), masters included
+                with self._paused():
+                    state["ema"] = self.ema.full_state_dict()
+            else:  # its weights are the checkpoint's state_dict (on_save_checkpoint)
+                state["ema"] = {k: v for k, v in self._ema_state().items() if k != "ema_model"}
         return state
+
+    def _sharded(self) -> bool:
+        return self.ema is not None and any(k.sharded is not None for k in self.ema._kernels)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping):
@@ -346,8 +356,11 @@ class EMACallback(_StepCounter, _Swapping, Callback):
                 self._enter(self.ema)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.ema is None:
-            return  # outside fit: the module's own weights (after fit, the EMA's with weights_at_end="ema")
+        if self.ema is None or self._sharded():
+            # outside fit: the module's own weights (after fit, the EMA's with weights_at_end="ema"); a sharded
+            # EMA: the strategy writes state_dict shard by shard, the online model's, and the EMA is in the
+            # callback's state, whole
+            return
         if self._swap is None:
             online = checkpoint.get("state_dict")
             averaged = self.ema.ema_model.state_dict()
@@ -361,7 +374,11 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         online = checkpoint.get("current_model_state")
         if online is not None:
             pl_module.load_state_dict(online)  # the module loaded the EMA's weights from state_dict: undo that
-        own = any(isinstance(v, Mapping) and "last_update_step" in v for v in checkpoint.get("callbacks", {}).values())
+        own = [
+            v for v in checkpoint.get("callbacks", {}).values() if isinstance(v, Mapping) and "last_update_step" in v
+        ]
+        if own and "ema_model" in own[0].get("ema", {}):
+            return  # a sharded EMA's checkpoint: the module holds its own weights, the callback's state the EMA
         if not own:
             count = 0
             if online is not None and "averaging_state" in checkpoint:
@@ -377,15 +394,17 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         self._restore_when_ready()
 
     def _restore_when_ready(self) -> None:
-        if self.ema is not None and "ema" in self._pending and "weights" in self._pending:
+        pending = self._pending
+        if self.ema is not None and "ema" in pending and ("weights" in pending or "ema_model" in pending["ema"]):
             self._restore()
 
     def _restore(self) -> None:
         assert self.ema is not None
         state = dict(self._pending.get("ema", {}))
         state.setdefault("num_updates", 0)
-        weights = self._pending.get("weights")
-        state["ema_model"] = weights if weights is not None else self.ema.ema_model.state_dict()
+        if "ema_model" not in state:
+            weights = self._pending.get("weights")
+            state["ema_model"] = weights if weights is not None else self.ema.ema_model.state_dict()
         self._pending = {}
         self.ema.load_state_dict(state)
 
