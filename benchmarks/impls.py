@@ -332,6 +332,70 @@ def _ignite_fire(model: nn.Module, momentum: float) -> Step:
     return _fire(engine)
 
 
+# -- Lightning callbacks: their hook after each optimizer step --------------------------------------------
+class _StepTrainer:
+    """What the callbacks read of a Trainer in ``on_train_batch_end``: the optimizer steps so far."""
+
+    global_step = 0
+
+
+def _lightning_module(model: nn.Module) -> nn.Module:
+    import lightning as L
+
+    class Wrapped(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+    return Wrapped()
+
+
+def _hook_per_step(callback: object, module: nn.Module) -> Step:
+    trainer = _StepTrainer()
+
+    def step() -> None:
+        trainer.global_step += 1  # an optimizer step happened in this batch
+        callback.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[attr-defined]
+
+    step()  # Lightning's first update only copies the weights in
+    return step
+
+
+@register(
+    "polyak-lightning",
+    "polyak.lightning.EMACallback (hook per step)",
+    "EMACallback(momentum=m).on_train_batch_end(...) after an optimizer step: what the callback adds to "
+    "each Lightning training step (handle_buffers='update', as Lightning's)",
+    requires=("lightning",),
+    ref=None,
+)
+def _polyak_lightning(model: nn.Module, momentum: float) -> Step:
+    from polyak.lightning import EMACallback
+
+    module = _lightning_module(model)
+    callback = EMACallback(momentum=momentum)
+    callback.on_fit_start(_StepTrainer(), module)  # type: ignore[arg-type]
+    return _hook_per_step(callback, module)
+
+
+@register(
+    "lightning-ema",
+    "Lightning EMAWeightAveraging (hook per step)",
+    "EMAWeightAveraging(decay=1-m).on_train_batch_end(...) after an optimizer step (AveragedModel with "
+    "use_buffers=True: buffers averaged too)",
+    requires=("lightning",),
+    ref=None,
+    alternative=True,
+)
+def _lightning_ema(model: nn.Module, momentum: float) -> Step:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    module = _lightning_module(model)
+    callback = EMAWeightAveraging(decay=1.0 - momentum)
+    callback.setup(_StepTrainer(), module, "fit")  # type: ignore[arg-type]
+    return _hook_per_step(callback, module)
+
+
 # -- other libraries ---------------------------------------------------------------------------------
 @register(
     "ema-pytorch",

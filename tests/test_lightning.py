@@ -432,7 +432,8 @@ def build_ema(module):
 def run(out, epochs, save=False, resume=False):
     ema = EMACallback(decay=0.9, weights_at_end="online", ema_model=build_ema)
     callbacks = [ema] + ([ModelCheckpoint(dirpath=f"{out}/ckpt", save_last=True)] if save else [])
-    t = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), max_epochs=epochs, logger=False,
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    t = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, logger=False,
                   callbacks=callbacks, enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False)
     model = Net()
     data = torch.utils.data.DataLoader(torch.randn(64, 4, generator=torch.Generator().manual_seed(1)), batch_size=8)
@@ -490,3 +491,14 @@ def test_lightning_is_optional() -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         "ModuleNotFoundError: polyak.lightning needs lightning, which is not installed: pip install 'polyak[lightning]'"
     )
+
+
+def test_example_trains_and_the_ema_beats_the_online_model() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lightning_ema", ROOT / "examples" / "lightning_ema.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.main(["--epochs", "2"])
+    assert len(model.ema_accuracy) == len(model.online_accuracy) == 2
+    assert model.ema_accuracy[-1] > 0.9 and model.ema_accuracy[-1] > model.online_accuracy[-1]
