@@ -393,21 +393,71 @@ class LoRA(nn.Module):
 def test_lora_ema_costs_the_adapter_only(kwargs: dict) -> None:
     model = nn.Sequential(LoRA(), LoRA())
     ema = EMA(model, momentum=0.5, **kwargs)
-    online = {id(p) for p in model.parameters()}
-    own = [p for p in ema.ema_model.parameters() if id(p) not in online]
-    assert {n for n, p in ema.ema_model.named_parameters() if id(p) not in online} == {
-        f"{i}.lora_{x}" for i in (0, 1) for x in "ab"
-    }
-    assert sum(p.numel() for p in own) == 2 * 2 * 4 * 256  # the adapters: 8192, against 131,584 for the base
-    assert ema.ema_model[0].base.weight is model[0].base.weight  # shared, not copied
+    online = {p.data_ptr() for p in model.parameters()}
+    own = {n: p for n, p in ema.ema_model.named_parameters() if p.data_ptr() not in online}
+    assert set(own) == {f"{i}.lora_{x}" for i in (0, 1) for x in "ab"}
+    assert sum(p.numel() for p in own.values()) == 2 * 2 * 4 * 256  # the adapters: 8192, against 131,584
+    base, ema_base = model[0].base.weight, ema.ema_model[0].base.weight
+    assert ema_base is not base and ema_base.data_ptr() == base.data_ptr()  # its own parameter over the data
     start = ema.ema_model[0].lora_b.detach().clone()
     with torch.no_grad():
         model[0].lora_b.add_(1.0)
-        model[0].base.weight.add_(1.0)  # not averaged: the EMA model shows the model's own
+        base.add_(1.0)  # not averaged: the EMA model shows the model's own
     ema.update()
     assert torch.equal(ema.ema_model[0].lora_b, start + 0.5)
-    assert ema.ema_model[0].base.weight is model[0].base.weight
-    assert model[0].lora_a.requires_grad and not model[0].base.weight.requires_grad  # the model's own flags
+    assert torch.equal(ema.ema_model[0].base.weight, base)
+    assert model[0].lora_a.requires_grad and not base.requires_grad  # the model's own flags
+
+
+def test_shared_parameters_survive_what_users_do_to_either_model() -> None:
+    """Converting the EMA model leaves the model's shared tensors alone; a freeze after construction does not
+    change what is averaged; the model's tensors replaced alike are shared again (no doubled memory)."""
+    model = nn.Sequential(LoRA(16), LoRA(16))
+    ema = EMA(model, momentum=0.5, trainable_only=True)
+    ema.ema_model.half()
+    assert model[0].base.weight.dtype == torch.float32  # the model's own, untouched
+    ema.update()  # follows: the half EMA model gets the model's values (copied, now it has its own dtype)
+    assert torch.equal(ema.ema_model[0].base.weight, model[0].base.weight.half())
+    ema.ema_model.float()
+    ema.update()
+    assert ema.ema_model[0].base.weight.data_ptr() == model[0].base.weight.data_ptr()  # shared again
+    model[0].lora_a.requires_grad_(False)  # frozen after construction: still averaged
+    start = ema.ema_model[0].lora_a.detach().clone()
+    with torch.no_grad():
+        model[0].lora_a.add_(2.0)
+    ema.refresh()
+    ema.update()
+    assert torch.allclose(ema.ema_model[0].lora_a, start + 1.0)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    ema.update()
+    assert ema.ema_model[1].base.weight.data_ptr() == model[1].base.weight.data_ptr()
+
+
+def test_memory_shared_by_mistake_is_separated_and_a_part_of_the_model_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    ema = EMA(model, momentum=0.5)
+    ema.ema_model.load_state_dict(model.state_dict(), assign=True)  # "reset the EMA": now it views the model
+    ema.update()
+    assert ema.ema_model[0].weight.data_ptr() != model[0].weight.data_ptr()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()
+    assert torch.allclose(ema.ema_model[0].weight, model[0].weight - 0.5)  # an EMA again, not the model
+    ema.ema_model[1] = model[1]  # the model's own module, not a copy
+    with pytest.raises(RuntimeError, match=r"holds the model's own tensor '1.weight'.*copy.deepcopy"):
+        ema.update()
+
+
+def test_a_copied_buffer_that_changes_shape_is_followed() -> None:
+    """A non-persistent cache that grows (rotary embeddings' cos_cached): copied as it is now."""
+    model = nn.Linear(2, 2)
+    model.register_buffer("cache", torch.zeros(3), persistent=False)
+    for handle_buffers in ("copy", "ema_train"):
+        ema = EMA(model, momentum=0.5, handle_buffers=handle_buffers)
+        model.cache = torch.ones(5)
+        ema.update()
+        assert ema.ema_model.cache.shape == ((5,) if handle_buffers == "copy" else (3,))
+        model.cache = torch.zeros(3)
 
 
 def test_parameters_not_averaged_are_copied_where_they_cannot_be_shared() -> None:
@@ -498,3 +548,107 @@ def test_any_sequence_of_changes_keeps_the_ema_exact(mode: str, ops: list[str]) 
     ema_dtype = next(ema.ema_model.parameters()).dtype
     ref.check(ema.ema_model, torch.bfloat16 if ema_dtype == torch.bfloat16 else torch.float32)
     assert ema.num_updates == ops.count("step") + 1
+
+
+# -- found by an adversarial review of this suite -----------------------------------------------------------------
+class FirstIsOdd(nn.Module):
+    """A module whose first tensor is not the one a conversion moves."""
+
+    def __init__(self, first: torch.Tensor) -> None:
+        super().__init__()
+        self.first = nn.Parameter(first)
+        self.weight = nn.Parameter(torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize(
+    ("first", "convert"),
+    [
+        (torch.randn(3), lambda m: m.to(memory_format=torch.channels_last)),
+        (torch.randn(3, dtype=torch.complex64), lambda m: m.half().float()),
+        (torch.randn(0), lambda m: m.double().float()),
+    ],
+    ids=["1d-first-channels-last", "complex-first-half", "empty-first-double"],
+)
+def test_conversions_that_leave_the_first_tensor_alone_are_seen(flat: bool, first, convert) -> None:
+    model = FirstIsOdd(first)
+    ema = EMA(model, momentum=0.5, flat=flat)
+    start = ema.ema_model.weight.detach().clone()
+    convert(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    assert torch.allclose(ema.ema_model.weight, start.lerp(model.weight.detach(), 0.5))
+
+
+@pytest.mark.parametrize("side", ["model", "ema_model"])
+def test_flat_mode_sees_a_data_assigned_by_hand_on_any_tensor(side: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    ema = EMA(model, momentum=0.5, flat=True)
+    target = model if side == "model" else ema.ema_model
+    target[1].bias.data = target[1].bias.data + 4.0  # not its module's first tensor
+    expected = ema.ema_model[1].bias.detach().clone().lerp(model[1].bias.detach(), 0.5)
+    ema.update()
+    assert torch.allclose(ema.ema_model[1].bias, expected)
+    with torch.no_grad():
+        model[1].bias.add_(2.0)
+    expected = ema.ema_model[1].bias.detach().clone().lerp(model[1].bias.detach(), 0.5)
+    ema.update()
+    assert torch.allclose(ema.ema_model[1].bias, expected)  # and keeps following it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_complex_parameters_keep_their_imaginary_part_whatever_dtype_is(dtype) -> None:
+    model = nn.Linear(2, 2)
+    model.phase = nn.Parameter(torch.full((3,), 1 + 2j, dtype=torch.complex64))
+    ema = EMA(model, momentum=0.5, dtype=dtype, stochastic_rounding=dtype == torch.bfloat16)
+    with torch.no_grad():
+        model.phase.add_(2j)
+    ema.update()
+    assert torch.allclose(ema.ema_model.phase, torch.full((3,), 1 + 3j, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"flat": True}], ids=["default", "flat"])
+def test_emas_built_or_rebuilt_under_inference_mode_keep_working(kwargs: dict) -> None:
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    with torch.inference_mode():
+        ema = EMA(model, momentum=0.5, **kwargs)
+    ema.update()
+    model.float()  # a change: the next pairing happens under inference_mode too
+    with torch.inference_mode():
+        ema.state_dict()
+    ema.update()
+    model(torch.randn(2, 4)).sum().backward()
+
+
+def test_a_load_that_fails_late_changes_nothing() -> None:
+    class Strict(WithExtraState):
+        def set_extra_state(self, state: dict) -> None:
+            raise ValueError("refused by the module")
+
+    model = nn.Sequential(nn.Linear(2, 2), Strict())
+    ema = EMA(model, momentum=0.5)
+    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items() if isinstance(v, torch.Tensor)}
+    state = ema.state_dict()
+    state["ema_model"] = {k: v + 1 if isinstance(v, torch.Tensor) else v for k, v in state["ema_model"].items()}
+    with pytest.raises(ValueError, match="refused by the module"):
+        ema.load_state_dict(state)
+    for k, v in before.items():
+        assert torch.equal(ema.ema_model.state_dict()[k], v), k
+
+
+def test_post_hoc_profiles_converted_differently_update_each_on_its_own(tmp_path) -> None:
+    from polyak.posthoc import PostHocEMA
+
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    posthoc = PostHocEMA(model, directory=tmp_path, snapshot_every=100)
+    posthoc.emas[0].ema_model.double()
+    posthoc.emas[1].ema_model.float()
+    refs = [e.ema_model.weight.detach().double().clone() for e in posthoc.emas]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    posthoc.update()
+    for e, ref in zip(posthoc.emas, refs, strict=True):
+        m = e.momentum_at(1)
+        assert torch.allclose(e.ema_model.weight.double(), ref.lerp(model.weight.detach().double(), m), atol=1e-6)
+    assert posthoc.num_updates == 1

@@ -104,8 +104,9 @@ def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) 
 
     The tensors are put into ``copy.deepcopy``'s memo first, so the copy never holds a second temporary copy
     (no peak beyond the EMA itself), each tensor is made on ``device`` (or its own), keeps its memory format,
-    and tied weights stay tied. Tensors whose id is in ``shared`` are the model's own in the copy too (only
-    where ``device`` is None: a shared tensor stays where the model has it).
+    and tied weights stay tied. Tensors whose id is in ``shared`` are not copied: the copy holds a parameter
+    of its own over the model's data (only where ``device`` is None: shared data stays where the model has
+    it), so that converting or moving the EMA model leaves the model's tensors alone.
     """
     if shared and device is not None:
         raise ValueError("tensors can be shared with the model only where the EMA model stays on its device")
@@ -115,7 +116,7 @@ def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) 
             if id(t) in memo:
                 continue
             if id(t) in shared:
-                memo[id(t)] = t
+                memo[id(t)] = nn.Parameter(t.detach(), requires_grad=False)  # the model's data, not its object
             elif type(t) is nn.Parameter:
                 memo[id(t)] = nn.Parameter(_fresh(t, device), requires_grad=False)
             elif type(t) is Tensor:
@@ -124,9 +125,7 @@ def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) 
         ema = copy.deepcopy(model, memo)
     if device is not None:
         ema.to(device)  # whatever deepcopy copied its own way (tensor subclasses); the rest is there already
-    for p in ema.parameters():
-        if id(p) not in shared:
-            p.requires_grad_(False)
+    ema.requires_grad_(False)  # its own parameter objects only: the model's flags are the model's
     return ema
 
 
@@ -142,7 +141,8 @@ class Pair:
     """One tensor of the model and its counterpart in the EMA model, and what an update does with them.
 
     ``role``: ``"lerp"`` (averaged), ``"copy"`` (copied at each update), ``"keep"`` (buffers under
-    ``handle_buffers="ema_train"``: left alone) or ``"share"`` (the EMA model holds the model's own tensor).
+    ``handle_buffers="ema_train"``: left alone) or ``"share"`` (a parameter not averaged whose EMA-model
+    tensor is a view of the model's data: nothing to do). ``aliased``: the two tensors share memory.
     """
 
     name: str
@@ -150,6 +150,7 @@ class Pair:
     ema: Tensor
     is_param: bool
     role: str
+    aliased: bool = False
 
 
 _ADVICE = (
@@ -180,23 +181,63 @@ def pair(
     pairs = []
     for name, (t, is_param) in online.items():
         e, e_is_param = ema[name]
-        if e_is_param != is_param or t.shape != e.shape or averaged_kind(t) != averaged_kind(e):
+        if e is t:
+            raise error(
+                f"the EMA model holds the model's own tensor {name!r} (the same object: a part of the model "
+                "assigned into the EMA model? e.g. ema.ema_model.head = model.head): give it a copy "
+                "(copy.deepcopy(model.head))"
+            )
+        keep = not is_param and handle_buffers == "ema_train"
+        if keep:
+            role = "keep"  # left alone: whatever it holds
+        elif not averaged_kind(t):
+            role = "copy"  # integer tensors (num_batches_tracked, ...) are copied, never averaged
+        elif is_param and selected is not None and not selected(name, t):
+            role = "share" if aliases(t, e) else "copy"  # not averaged: shared where it can be, else copied
+        elif is_param:
+            role = "lerp"
+        else:
+            role = "lerp" if handle_buffers == "update" else "copy"
+        # a copied buffer may change shape (a cache that grows): its copy follows; anything else must match
+        resized = role == "copy" and not is_param and t.shape != e.shape
+        if not keep and not resized and (
+            e_is_param != is_param or t.shape != e.shape or averaged_kind(t) != averaged_kind(e)
+        ):
             raise error(
                 f"the model's tensor {name!r} is a {_what(t, is_param)} and the EMA model's a "
                 f"{_what(e, e_is_param)}: {advice}"
             )
-        if e is t:
-            role = "share"
-        elif not is_param and handle_buffers == "ema_train":
-            role = "keep"
-        elif not averaged_kind(t):
-            role = "copy"  # integer tensors (num_batches_tracked, ...) are copied, never averaged
-        elif is_param:  # a parameter not averaged is shared where it can be (above), else copied
-            role = "lerp" if selected is None or selected(name, t) else "copy"
-        else:
-            role = "lerp" if handle_buffers == "update" else "copy"
-        pairs.append(Pair(name, t, e, is_param, role))
+        if resized:
+            e = _replace_buffer(ema_module, name, t)
+        pairs.append(Pair(name, t, e, is_param, role, shares_memory(t, e)))
     return pairs
+
+
+def _replace_buffer(module: nn.Module, name: str, like: Tensor) -> Tensor:
+    """Register a copy of ``like`` as ``module``'s buffer ``name`` (a copied buffer whose shape changed)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    with torch.inference_mode(False), torch.no_grad():
+        owner._buffers[leaf] = like.detach().clone()
+    return owner._buffers[leaf]  # type: ignore[return-value]
+
+
+def shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors have memory in common (the EMA of one could not differ from the other)."""
+    if is_dtensor(a) or is_dtensor(b) or a.numel() == 0 or b.numel() == 0:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def aliases(a: Tensor, b: Tensor) -> bool:
+    """Whether ``b`` is a view of exactly ``a``'s data: the same memory, layout and dtype."""
+    return (
+        shares_memory(a, b)
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.storage_offset() == b.storage_offset()
+        and a.stride() == b.stride()
+    )
 
 
 def _what(t: Tensor, is_param: bool) -> str:
@@ -249,12 +290,36 @@ class Structure:
 
 
 def canaries(names: Iterable[str], tensors: Iterable[Tensor]) -> list[Tensor]:
-    """One tensor of each module that owns some of ``tensors``: where its data lies tells whether the module
-    was moved or converted."""
-    owners: dict[str, Tensor] = {}
+    """Tensors of each module that owns some of ``tensors`` whose data pointers tell whether the module was
+    moved or converted: its first real floating one (``.half()``, ``.to(dtype)``), its first complex one (which
+    ``.half()`` leaves alone), its first of 4 or more dimensions (``.to(memory_format=...)``) and, failing
+    those, its first; never one of no elements (its data pointer is 0 wherever it is)."""
+    by_owner: dict[str, dict[str, Tensor]] = {}
     for name, t in zip(names, tensors, strict=True):
-        owners.setdefault(name.rpartition(".")[0], t)
-    return list(owners.values())
+        if t.numel() == 0 or is_dtensor(t):
+            continue
+        kinds = by_owner.setdefault(name.rpartition(".")[0], {})
+        kinds.setdefault("any", t)
+        if t.is_complex():
+            kinds.setdefault("complex", t)
+        elif t.is_floating_point():
+            kinds.setdefault("floating", t)
+        if t.dim() >= 4:
+            kinds.setdefault("layout", t)
+    out: dict[int, Tensor] = {}
+    for kinds in by_owner.values():
+        for t in kinds.values():
+            out.setdefault(id(t), t)
+    return list(out.values())
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def storage_users(t: Tensor) -> int:
+    """How many tensors use ``t``'s memory (0 where this torch cannot tell): a flat buffer whose count drops
+    lost a view (a ``.data`` replaced by hand, a module moved), which a data pointer of another tensor misses."""
+    return int(_use_count(t.untyped_storage()._cdata)) if _use_count is not None else 0
 
 
 _version = operator.attrgetter("_version")

@@ -23,6 +23,7 @@ from polyak._tracking import (
     copy_model,
     pair,
     parameter_selector,
+    storage_users,
     unwrap_model,
     versions,
 )
@@ -195,7 +196,11 @@ class EMA:
             raise TypeError(f"compile and trainable_only must be bools, got {compile!r}, {trainable_only!r}")
         if compile and not flat:
             raise ValueError("compile=True needs flat=True: the generated kernel works on the flat buffers")
-        self._selected = parameter_selector(include, exclude, predicate, trainable_only)
+        selector = parameter_selector(include, exclude, predicate, trainable_only)
+        self._selected: Selector | None = None
+        if selector is not None:  # decided once, here: freezing a parameter later does not change what is averaged
+            averaged = {n for n, p in unwrap_model(model).named_parameters() if selector(n, p)}
+            self._selected = lambda name, p: name in averaged
 
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -216,6 +221,7 @@ class EMA:
         self._generator: torch.Generator | None = None
         self._seed = seed
         self._flat_storages: set[int] = set()  # the flat buffers of flat mode: their views may move into new ones
+        self._given_ema_model = ema_model is not None
 
         online = unwrap_model(model)
         if ema_model is None:
@@ -269,13 +275,13 @@ class EMA:
         self._ema_model = module
         try:
             self._fsdp_ema = sharding.fsdp_modules(unwrap_model(module))
-            module.requires_grad_(False)
-            module.train(self.handle_buffers == "ema_train")
-            self._build(keep_masters=False)
+            self._build(keep_masters=False)  # checks it first: a part of the model in it is refused
         except BaseException:
             self._ema_model = old
             self._fsdp_ema = sharding.fsdp_modules(unwrap_model(old))
             raise
+        module.requires_grad_(False)
+        module.train(self.handle_buffers == "ema_train")
 
     @property
     def handle_buffers(self) -> str:
@@ -284,6 +290,7 @@ class EMA:
 
     @handle_buffers.setter
     def handle_buffers(self, value: str) -> None:
+        self._refuse_when_swapped("assigning handle_buffers")
         if value not in HANDLE_BUFFERS:
             raise ValueError(f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {value!r}")
         if value == self._handle_buffers:
@@ -311,14 +318,21 @@ class EMA:
         ema.requires_grad_(False)
 
     def _accumulator_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if dtype.is_complex:  # averaged in its own dtype: a real accumulator would drop the imaginary part
+            return dtype
         if self.dtype is not None:
             return self.dtype
         return torch.float32 if dtype in _LOW_PRECISION else dtype
 
     def _build(self, keep_masters: bool = True) -> None:
         """Pair the two models' tensors and pick each group's kernel; masters kept where still valid."""
+        with torch.inference_mode(False):  # buffers made here are used outside any inference_mode block
+            self._build_now(keep_masters)
+
+    def _build_now(self, keep_masters: bool) -> None:
         previous = self._masters_by_name() if keep_masters else {}
         pairs = pair(unwrap_model(self.model), unwrap_model(self.ema_model), self.handle_buffers, self._selected)
+        self._separate(pairs)
         groups: dict[tuple[Any, ...], list[Pair]] = {}
         for p in pairs:
             if p.role == "lerp":
@@ -338,6 +352,22 @@ class EMA:
         self._kernels = kernels
         self._restore_masters(previous)
         self._watch()
+
+    def _separate(self, pairs: list[Pair]) -> None:
+        """The EMA model shares memory only where it is meant to: a parameter that is not averaged views the
+        model's data (again, after the model's tensor was replaced alike); an averaged or copied tensor that
+        came to share memory with the model's (a load with assign=True from the other model's state_dict)
+        gets data of its own, the same values."""
+        with torch.no_grad():
+            for p in pairs:
+                unselected = p.is_param and self._selected is not None and not self._selected(p.name, p.online)
+                alike = p.online.dtype == p.ema.dtype and p.online.device == p.ema.device
+                if unselected and p.role == "copy" and alike and self.device is None and not self._given_ema_model:
+                    p.ema.data = p.online.detach()
+                    p.role, p.aliased = "share", True
+                elif p.aliased and p.role in ("lerp", "copy"):
+                    p.ema.data = p.ema.detach().clone()
+                    p.aliased = False
 
     def _kernels_for(self, members: list[Pair]) -> list[Kernel]:
         """The kernel(s) of one group: in flat mode, the flattenable tensors get a flat one."""
@@ -363,7 +393,7 @@ class EMA:
         shards = (online_t, ema_t) if sharded else None
         ema_dtype = ema.views[0].dtype
         acc = self._accumulator_dtype(ema_dtype)
-        if self.stochastic_rounding:
+        if self.stochastic_rounding and not ema_dtype.is_complex:
             assert self._generator is not None
             return Stochastic(names, online, ema, shards, self._generator)
         if acc == ema_dtype and online.views[0].dtype == ema_dtype and online.views[0].device == ema.views[0].device:
@@ -383,6 +413,8 @@ class EMA:
             names, [registered_ema[n] for n in names]
         )
         self._structure = Structure([online, ema], watched)
+        flats = [b.flat for k in self._kernels for b in (k.online, k.ema) if b.flat is not None]
+        self._flat_users = [(t, storage_users(t)) for t in flats]
         self._master_kernels = [k for k in self._kernels if k.master is not None]
         self._record_versions()
         self._simple = (
@@ -452,7 +484,7 @@ class EMA:
             # FSDP2 registers its gathered parameters in place of the sharded ones while they are in use (a
             # forward outside training keeps the root's so): the shards are what the EMA pairs
             sharding.reshard(self._fsdp_online + self._fsdp_ema)
-        if not self._structure.unchanged():
+        if not self._structure.unchanged() or any(storage_users(t) < n for t, n in self._flat_users):
             self._build()
         elif self._master_kernels and self._master_versions() != self._versions:
             self._revalidate_masters()
@@ -597,9 +629,9 @@ class EMA:
                 "online ones; leave the block first (an optimizer step inside it would train the EMA's weights)"
             )
 
-    def _swap_pairs(self) -> list[tuple[Tensor, Tensor]]:
+    def _swap_pairs(self, roles: tuple[str, ...] = ("lerp", "copy", "keep")) -> list[Pair]:
         pairs = pair(unwrap_model(self.model), unwrap_model(self.ema_model), self.handle_buffers, self._selected)
-        return [(sharding.local(p.online), sharding.local(p.ema)) for p in pairs if p.role != "share"]
+        return [p for p in pairs if p.role in roles]
 
     @staticmethod
     def _swap_in(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor] | None]:
@@ -665,7 +697,7 @@ class EMA:
             self._ensure_current()
             fsdp = self._fsdp_online + self._fsdp_ema
             sharding.reshard(fsdp)  # the swap is of the shards: no forward may reuse parameters gathered before
-            pairs = self._swap_pairs()
+            pairs = [(sharding.local(p.online), sharding.local(p.ema)) for p in self._swap_pairs()]
             kept = self._swap_in(pairs)
         self._swap_depth = 1
         try:
@@ -800,12 +832,19 @@ class EMA:
         }
         masters = state_dict.get("master")
         if masters is not None:
-            own_masters = self._master_views()
-            _check_tensors("state_dict['master']", masters, own_masters)
+            if not isinstance(masters, Mapping):
+                raise TypeError(f"state_dict['master'] must be a mapping, got {type(masters).__name__}")
+            unknown = sorted(set(masters) - set(own))
+            lacking = sorted(set(self._master_views()) - set(masters))
+            if unknown or lacking:
+                raise ValueError(
+                    f"state_dict['master'] does not match the EMA model: missing {lacking}, unexpected {unknown}"
+                )
+            _check_tensors("state_dict['master']", masters, {k: own[k] for k in masters})
             # Whole tensors (full_state_dict()) give this rank's shard; and the masters may be our own (a state
             # dict loaded in place, as torch.distributed.checkpoint does, or ema.load_state_dict(ema.state_dict())):
             # keep their values first.
-            masters = {k: sharding.shard_like(t, own_masters[k], copy=True) for k, t in masters.items()}
+            masters = {k: sharding.shard_like(t, own[k], copy=True) for k, t in masters.items()}
         generator = state_dict.get("generator")
         if generator is not None and self._generator is not None:
             own_state = self._generator.get_state()
@@ -819,17 +858,26 @@ class EMA:
                     f"state_dict['generator'] must be a generator state ({own_state.dtype} {tuple(own_state.shape)}), "
                     f"got {got!r}"
                 )
+        shared = {p.name for p in self._swap_pairs(roles=("share",))}  # the model's data: not the EMA's to load
+        loaded = {k: v for k, v in ema_state.items() if k not in shared}
 
         with torch.no_grad():
-            module.load_state_dict(ema_state)  # copies into the EMA model's own tensors
-            if masters is not None:
-                own = self._master_views()
-                for name, t in masters.items():
-                    sharding.local(own[name]).copy_(sharding.local(t))
-            else:
-                for k in self._kernels:
-                    k.refetch()
-                    k.resync()
+            # atomic: a module's load can still fail late (its set_extra_state, say): then it is put back
+            backup = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in own.items() if k in loaded}
+            try:
+                module.load_state_dict(loaded, strict=False)  # copies into the EMA model's own tensors
+            except BaseException:
+                module.load_state_dict(backup, strict=False)
+                raise
+            # the average itself: the saved masters, else the saved values as they were (a float32 EMA model's
+            # values are exact for a master; rounding them into a bf16 EMA model first would lose bits)
+            for k in self._kernels:
+                k.refetch()
+                targets = k.master.views if k.master is not None else k.ema.views
+                for name, target in zip(k.names, targets, strict=True):
+                    value = masters.get(name) if masters is not None else None
+                    value = ema_state[name] if value is None else value
+                    target.copy_(sharding.local(value))
         if generator is not None and self._generator is not None:
             self._generator.set_state(generator)
         self.num_updates = counts["num_updates"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polyak._kernels import Lerp, Staged, copy
+from polyak._kernels import Kernel, Lerp, Staged, copy
 from polyak.ema import EMA, HANDLE_BUFFERS
 from polyak.posthoc._files import (
     _SNAPSHOT,
@@ -352,7 +352,12 @@ class _Together:
             return False
         for e in self.emas:
             e._ensure_current()
-        shapes = [[(type(k), k.names, k.master is None) for k in e._kernels] for e in self.emas]
+        def shape(k: Kernel) -> tuple[Any, ...]:
+            acc, source = k.accumulator.views[0], k.source().views[0]
+            return (type(k), k.names, k.master is None, acc.dtype, acc.device, source.dtype, source.device)
+
+        # one lerp over all profiles needs them alike, down to where each accumulates and what it reads
+        shapes = [[shape(k) for k in e._kernels] for e in self.emas]
         return all(s == shapes[0] for s in shapes) and all(
             type(k) in (Lerp, Staged) and k.sharded is None for k in first._kernels
         )
