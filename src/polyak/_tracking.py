@@ -200,8 +200,10 @@ def pair(
             role = "lerp" if handle_buffers == "update" else "copy"
         # a copied buffer may change shape (a cache that grows): its copy follows; anything else must match
         resized = role == "copy" and not is_param and t.shape != e.shape
-        if not keep and not resized and (
-            e_is_param != is_param or t.shape != e.shape or averaged_kind(t) != averaged_kind(e)
+        if (
+            not keep
+            and not resized
+            and (e_is_param != is_param or t.shape != e.shape or averaged_kind(t) != averaged_kind(e))
         ):
             raise error(
                 f"the model's tensor {name!r} is a {_what(t, is_param)} and the EMA model's a "

@@ -352,6 +352,7 @@ class _Together:
             return False
         for e in self.emas:
             e._ensure_current()
+
         def shape(k: Kernel) -> tuple[Any, ...]:
             acc, source = k.accumulator.views[0], k.source().views[0]
             return (type(k), k.names, k.master is None, acc.dtype, acc.device, source.dtype, source.device)
