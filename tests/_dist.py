@@ -78,6 +78,32 @@ def run_ranks(
                 p.join(5)
 
 
+def run_program(command: Sequence[str], cwd: Path, timeout: float = 240) -> str:
+    """Run ``command`` (with this checkout's ``src`` first on the path) in a session of its own, so that on a
+    timeout it and the ranks it started are killed together; its output, asserting it succeeded."""
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
 def rank_env(rank: int, world_size: int, port: int) -> None:
     """The environment variables torchrun sets (``env://`` rendezvous on 127.0.0.1:``port``)."""
     os.environ.update(

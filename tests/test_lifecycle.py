@@ -309,7 +309,8 @@ def test_no_process_wide_side_effect_on_modules_built_later() -> None:
 # -- the EMA model exports like any module ---------------------------------------------------------------------
 @pytest.mark.parametrize("flat", [False, True])
 def test_ema_model_exports_like_any_module(tmp_path, flat: bool) -> None:
-    safetensors = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors
+
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 2))
     ema = EMA(model, momentum=0.1, flat=flat)
     with torch.no_grad():

@@ -4,22 +4,20 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch import nn
 
-L = pytest.importorskip("lightning", reason="lightning is a dev dependency: make install installs it")
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint  # noqa: E402
-
-from polyak.lightning import EMACallback, PostHocEMACallback  # noqa: E402
-from polyak.posthoc import list_snapshots, synthesize  # noqa: E402
+from _dist import run_program
+from polyak.lightning import EMACallback, PostHocEMACallback
+from polyak.posthoc import list_snapshots, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -374,23 +372,7 @@ if __name__ == "__main__":
 def run_two_ranks(tmp_path: Path, script: str, *args: str) -> None:
     path = tmp_path / "script.py"
     path.write_text(textwrap.dedent(script))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(path), str(tmp_path), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-5000:]
+    run_program([sys.executable, str(path), str(tmp_path), *args], cwd=tmp_path)
 
 
 def test_ddp_ranks_hold_the_same_ema(tmp_path: Path) -> None:

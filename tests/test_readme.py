@@ -6,15 +6,13 @@ Each block runs on its own, in a fresh interpreter in an empty folder; a block t
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tests._dist import free_port
+
+from _dist import free_port, run_program
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^(.*?)```python\n(.*?)```", README.read_text(), flags=re.S | re.M)
@@ -46,20 +44,4 @@ def test_readme_block_runs_as_a_program(index: int, tmp_path: Path) -> None:
     if TORCHRUN in intro or TORCHRUN in code:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
         command += [f"--master_port={free_port()}", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(README.parent / "src")}
-    proc = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-5000:]
+    run_program(command, cwd=tmp_path)
