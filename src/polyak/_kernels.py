@@ -15,6 +15,7 @@ lives now. Private buffers (float32 masters, staging, a flat buffer) are the ker
 
 from __future__ import annotations
 
+import abc
 import types
 import warnings
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def copy(dst: Buf, src: Buf, non_blocking: bool = False) -> None:
         torch._foreach_copy_(dst.views, src.views, non_blocking=non_blocking)
 
 
-class Kernel:
+class Kernel(abc.ABC):
     """The update of one group. ``online``/``ema`` hold the tensors (for a sharded group, the DTensors, whose
     local shards :meth:`refetch` takes afresh: FSDP2 may re-allocate them)."""
 
@@ -103,8 +104,9 @@ class Kernel:
         """What :meth:`apply` reads: the online values, or their staged copy."""
         return self.online
 
+    @abc.abstractmethod
     def apply(self, m: float) -> None:
-        raise NotImplementedError
+        """Fold the online values into the average with momentum ``m``."""
 
     def resync(self) -> None:
         """Take the master's values from the EMA model (after someone else wrote into it)."""
