@@ -97,7 +97,7 @@ class Kernel(abc.ABC):
             self.online.views = list(map(local, self.sharded[0]))
             self.ema.views = list(map(local, self.sharded[1]))
 
-    def stage(self) -> None:
+    def stage(self) -> None:  # noqa: B027 - most kernels read the online values as they are
         """Bring the online values to where :meth:`apply` reads them (nothing for most kernels)."""
 
     def source(self) -> Buf:
