@@ -1,0 +1,309 @@
+"""``polyak.diffusers.EMAModel``: a drop-in for diffusers' ``EMAModel`` (``diffusers.training_utils``).
+
+A diffusers training script runs with only the import changed, and the folders and state dicts it writes load
+with either class. The decay is diffusers' (``get_decay``: the warm-up, ``update_after_step``, the clamps),
+to the last bit. What differs is what diffusers gets wrong: float16/bfloat16 parameters are averaged in a
+float32 master (diffusers' EMA, kept in the parameters' dtype, drops every update that rounds away), the
+update is polyak's fused, allocation-free one, and an EMA moved to the CPU stays there and is updated from
+pinned staging copies, instead of the scripts' ``--offload_ema`` moving it back to the GPU at every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polyak.ema import EMA
+
+__all__ = ["EMAModel"]
+
+_CONFIG_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
+class _Tracked(nn.Module):
+    """The tracked tensors as a module: parameters under their position's name, other tensors as buffers."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        super().__init__()
+        for i, t in enumerate(tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"parameters must be tensors, got {type(t).__name__} at position {i}")
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(str(i), t)
+            else:
+                self.register_buffer(str(i), t)
+
+    def tensors(self) -> list[Tensor]:
+        count = len(self._parameters) + len(self._buffers)
+        return [self._parameters.get(str(i), self._buffers.get(str(i))) for i in range(count)]  # type: ignore[misc]
+
+
+def _parameters(parameters: Any, what: str) -> list[Tensor]:
+    if isinstance(parameters, nn.Module):
+        warnings.warn(
+            f"Passing a `torch.nn.Module` to `EMAModel.{what}` is deprecated (as in diffusers): pass its "
+            "parameters() instead",
+            FutureWarning,
+            stacklevel=3,
+        )
+        parameters = parameters.parameters()
+    if isinstance(parameters, Tensor) or not isinstance(parameters, Iterable):
+        raise TypeError(f"parameters must be an iterable of tensors, got {type(parameters).__name__}")
+    return list(parameters)
+
+
+class EMAModel:
+    """Exponential moving average of model weights, with diffusers' ``EMAModel`` interface.
+
+    Args:
+        parameters: the parameters to track (``unet.parameters()``), in the order ``step`` will get them.
+            Those with ``requires_grad=False`` at construction are not averaged: the EMA shows their current
+            values (diffusers copies them at each step).
+        decay: the largest decay (``momentum = 1 - decay`` in polyak's words).
+        min_decay: the smallest decay.
+        update_after_step: steps before the EMA starts averaging (until then it copies the weights).
+        use_ema_warmup: diffusers' warm-up ``1 - (1 + step / inv_gamma) ** -power``; otherwise
+            ``(1 + step) / (10 + step)``.
+        inv_gamma, power: of the warm-up.
+        foreach: accepted for compatibility; polyak's update is always the fused one.
+        model_cls, model_config: for :meth:`save_pretrained` (a diffusers ``ModelMixin`` class and its config).
+        dtype: keyword-only, polyak's: the dtype the average is accumulated in; by default float32 for
+            float16/bfloat16 parameters (see :class:`polyak.EMA`).
+
+    Attributes:
+        shadow_params: the averaged tensors, in the order of ``parameters`` (assignable: the values are
+            copied in).
+        optimization_step: how many times :meth:`step` ran.
+        cur_decay_value: the decay of the last step.
+        ema: the :class:`polyak.EMA` underneath.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from polyak.diffusers import EMAModel
+        >>> model = nn.Linear(2, 1)
+        >>> ema = EMAModel(model.parameters(), decay=0.9)
+        >>> for _ in range(3):
+        ...     with torch.no_grad():
+        ...         _ = model.weight.add_(1.0)
+        ...     ema.step(model.parameters())
+        >>> ema.optimization_step, round(ema.cur_decay_value, 4)
+        (3, 0.25)
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[nn.Parameter],
+        decay: float = 0.9999,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+        use_ema_warmup: bool = False,
+        inv_gamma: float | int = 1.0,
+        power: float | int = 2 / 3,
+        foreach: bool = False,
+        model_cls: Any | None = None,
+        model_config: dict[str, Any] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(parameters, nn.Module):
+            use_ema_warmup = True  # as diffusers does for a module (deprecated there too)
+        tensors = _parameters(parameters, "__init__")
+        if kwargs.get("max_value") is not None:
+            decay = kwargs.pop("max_value")
+        if kwargs.get("min_value") is not None:
+            min_decay = kwargs.pop("min_value")
+        device = kwargs.pop("device", None)
+        kwargs.pop("max_value", None)
+        kwargs.pop("min_value", None)
+        if kwargs:
+            raise TypeError(f"EMAModel got unexpected arguments {sorted(kwargs)}")
+        self._set_config(
+            dict(
+                decay=decay,
+                min_decay=min_decay,
+                optimization_step=0,
+                update_after_step=update_after_step,
+                use_ema_warmup=use_ema_warmup,
+                inv_gamma=inv_gamma,
+                power=power,
+            )
+        )
+        self.foreach = foreach
+        self.model_cls = model_cls
+        self.model_config = model_config
+        self.cur_decay_value: float | None = None
+        self.temp_stored_params: list[Tensor] | None = None
+        self._tracked = _Tracked(tensors)
+        trainable = {str(i) for i, t in enumerate(tensors) if t.requires_grad}
+        self.ema = EMA(
+            self._tracked,
+            handle_buffers="update",
+            dtype=dtype,
+            predicate=lambda name, p: name in trainable,
+        )
+        if device is not None:
+            self.to(device=device)
+
+    # -- diffusers' configuration, checked as diffusers checks it -----------------------------------------------
+    def _set_config(self, state: Mapping[str, Any]) -> None:
+        decay = state["decay"]
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"Decay must be between 0 and 1, got {decay!r}")
+        if not isinstance(state["min_decay"], float):
+            raise ValueError(f"Invalid min_decay: {state['min_decay']!r}")
+        for key in ("optimization_step", "update_after_step"):
+            if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+                raise ValueError(f"Invalid {key}: {state[key]!r}")
+        if not isinstance(state["use_ema_warmup"], bool):
+            raise ValueError(f"Invalid use_ema_warmup: {state['use_ema_warmup']!r}")
+        for key in ("inv_gamma", "power"):
+            if not isinstance(state[key], (float, int)) or isinstance(state[key], bool):
+                raise ValueError(f"Invalid {key}: {state[key]!r}")
+        self.decay = float(decay)
+        self.min_decay = state["min_decay"]
+        self.optimization_step = state["optimization_step"]
+        self.update_after_step = state["update_after_step"]
+        self.use_ema_warmup = state["use_ema_warmup"]
+        self.inv_gamma = state["inv_gamma"]
+        self.power = state["power"]
+
+    def get_decay(self, optimization_step: int) -> float:
+        """The decay of step ``optimization_step``, as diffusers computes it (0 until ``update_after_step``)."""
+        step = max(0, optimization_step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        warm = 1 - (1 + step / self.inv_gamma) ** -self.power if self.use_ema_warmup else (1 + step) / (10 + step)
+        return max(min(warm, self.decay), self.min_decay)
+
+    # -- the average --------------------------------------------------------------------------------------------------
+    @property
+    def shadow_params(self) -> list[Tensor]:
+        return self.ema.ema_model.tensors()  # type: ignore[operator]
+
+    @shadow_params.setter
+    def shadow_params(self, values: list[Tensor]) -> None:
+        self._load_shadow(values)
+
+    def _load_shadow(self, values: object, masters: object = None) -> None:
+        own = self.shadow_params
+        if not isinstance(values, (list, tuple)) or len(values) != len(own):
+            raise ValueError(f"shadow_params must be a list of {len(own)} tensors, got {type(values).__name__}")
+        for i, (v, o) in enumerate(zip(values, own, strict=True)):
+            if not isinstance(v, Tensor) or v.shape != o.shape:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"shadow_params[{i}] must be a tensor of shape {tuple(o.shape)}, got {got}")
+        state = self.ema.state_dict()
+        state["ema_model"] = {str(i): v for i, v in enumerate(values)}
+        if isinstance(masters, (list, tuple)) and len(masters) == len(own):
+            state["master"] = {k: masters[int(k)] for k in state.get("master", {})}
+        else:
+            state.pop("master", None)
+        self.ema.load_state_dict(state)
+
+    def step(self, parameters: Iterable[nn.Parameter]) -> None:
+        """One EMA update with the decay of the next step (the weights of ``parameters``, as at construction)."""
+        tensors = _parameters(parameters, "step")
+        tracked = self._tracked.tensors()
+        if len(tensors) != len(tracked):
+            raise ValueError(f"step() got {len(tensors)} parameters, this EMA tracks {len(tracked)}")
+        for i, (t, old) in enumerate(zip(tensors, tracked, strict=True)):
+            if t is not old:  # other objects (a model rebuilt, say): the EMA follows them from now on
+                if isinstance(t, nn.Parameter):
+                    self._tracked._parameters[str(i)] = t
+                else:
+                    self._tracked._buffers[str(i)] = t
+        self.optimization_step += 1
+        decay = self.get_decay(self.optimization_step)
+        self.cur_decay_value = decay
+        self.ema.update(momentum=1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Copy the averaged weights into ``parameters``."""
+        for s, p in zip(self.shadow_params, _parameters(parameters, "copy_to"), strict=True):
+            p.data.copy_(s.to(p.device))
+
+    def store(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Keep a copy (on the CPU) of ``parameters``, for :meth:`restore` after an evaluation with the EMA."""
+        self.temp_stored_params = [p.detach().cpu().clone() for p in _parameters(parameters, "store")]
+
+    @torch.no_grad()
+    def restore(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Put back what :meth:`store` kept."""
+        if self.temp_stored_params is None:
+            raise RuntimeError("This ExponentialMovingAverage has no `store()`ed weights to `restore()`")
+        for c, p in zip(self.temp_stored_params, _parameters(parameters, "restore"), strict=True):
+            p.data.copy_(c.data)
+        self.temp_stored_params = None
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None, non_blocking: bool = False) -> None:
+        """Move the EMA (``to("cpu")`` keeps it off the GPU: each step then stages the GPU's values through
+        pinned memory and updates it on the CPU) and/or convert its floating tensors (a float32 master keeps
+        the average's precision under ``dtype=torch.bfloat16``)."""
+        self.ema.ema_model.to(device=device, dtype=dtype, non_blocking=non_blocking)
+
+    def pin_memory(self) -> None:
+        """Put the EMA's CPU tensors in pinned memory (faster, non-blocking copies to and from a GPU)."""
+        if not torch.cuda.is_available():
+            return  # pinning needs an accelerator; without one it has nothing to speed up
+        for t in self.shadow_params:
+            if t.device.type == "cpu":
+                t.data = t.data.pin_memory()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """diffusers' state dict (the configuration and ``shadow_params``, loadable by diffusers' EMAModel too),
+        plus ``"polyak_master"``: the float32 masters where there are any, so that resuming is exact."""
+        state: dict[str, Any] = {key: getattr(self, key) for key in _CONFIG_KEYS}
+        state["shadow_params"] = self.shadow_params
+        masters = self.ema.state_dict().get("master")
+        if masters:
+            state["polyak_master"] = [masters.get(str(i)) for i in range(len(state["shadow_params"]))]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state of this class or of diffusers' ``EMAModel``; checked before anything changes."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        config = {key: state_dict.get(key, getattr(self, key)) for key in _CONFIG_KEYS}
+        before = {key: getattr(self, key) for key in _CONFIG_KEYS}
+        self._set_config(config)  # checks, then sets
+        try:
+            shadow = state_dict.get("shadow_params")
+            if shadow is not None:
+                self._load_shadow(shadow, state_dict.get("polyak_master"))
+        except BaseException:
+            self._set_config(before)
+            raise
+
+    def save_pretrained(self, path: str) -> None:
+        """Save the averaged model as diffusers does: ``model_cls.from_config(model_config)`` with the EMA's
+        weights and, in its config, the EMA's configuration; loadable by either class's ``from_pretrained``."""
+        if self.model_cls is None:
+            raise ValueError("`save_pretrained` can only be used if `model_cls` was defined at __init__.")
+        if self.model_config is None:
+            raise ValueError("`save_pretrained` can only be used if `model_config` was defined at __init__.")
+        model = self.model_cls.from_config(self.model_config)
+        model.register_to_config(**{key: getattr(self, key) for key in _CONFIG_KEYS})
+        self.copy_to(model.parameters())
+        model.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str, model_cls: Any, foreach: bool = False) -> EMAModel:
+        """Load what :meth:`save_pretrained` (of this class or of diffusers') wrote."""
+        _, ema_kwargs = model_cls.from_config(path, return_unused_kwargs=True)
+        model = model_cls.from_pretrained(path)
+        ema = cls(model.parameters(), model_cls=model_cls, model_config=model.config, foreach=foreach)
+        ema.load_state_dict(ema_kwargs)
+        return ema
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(decay={self.decay}, optimization_step={self.optimization_step}, ema={self.ema!r})"
+        )
