@@ -1,0 +1,221 @@
+"""polyak.transformers.EMACallback with a real ``transformers.Trainer`` on a tiny GPT-2 built from a config
+(nothing downloaded), and polyak's EMA checkpointed by Accelerate."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from _dist import free_port, run_program
+from polyak import EMA
+from polyak.posthoc import PostHocEMA
+from polyak.transformers import MASTERS_NAME, WEIGHTS_NAME, EMACallback
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def gpt2(dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
+    return GPT2LMHeadModel(config).to(dtype)  # tied weights: lm_head is wte
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, 40, (n, 12), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Recorder(TrainerCallback):
+    """The model's weights after each optimizer step, and what evaluations saw."""
+
+    def __init__(self) -> None:
+        self.after_step: list[torch.Tensor] = []
+        self.in_evaluation: list[torch.Tensor] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if len(self.after_step) < state.global_step:
+            self.after_step.append(model.transformer.h[0].mlp.c_fc.weight.detach().double().clone())
+
+    def on_prediction_step(self, args, state, control, model=None, **kwargs):
+        self.in_evaluation.append(model.transformer.h[0].mlp.c_fc.weight.detach().clone())
+
+
+def arguments(tmp_path: Path, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=5e-3,
+        max_steps=8,
+        save_steps=4,
+        save_strategy="steps",
+        report_to=[],
+        logging_strategy="no",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
+def test_once_per_optimizer_step_under_accumulation_against_a_reference(tmp_path: Path) -> None:
+    model, ema, recorder = gpt2(), EMACallback(decay=0.9, final_dir=None), Recorder()
+    Trainer(
+        model=model,
+        args=arguments(tmp_path, gradient_accumulation_steps=2),
+        train_dataset=Tokens(),
+        callbacks=[recorder, ema],
+    ).train()
+    assert ema.ema.num_updates == 8 == len(recorder.after_step)
+    reference = gpt2().transformer.h[0].mlp.c_fc.weight.detach().double()
+    for w in recorder.after_step:
+        reference = reference.lerp(w, 0.1)
+    torch.testing.assert_close(ema.ema.ema_model.transformer.h[0].mlp.c_fc.weight.double(), reference)
+
+
+def test_evaluation_uses_the_ema_and_the_online_weights_come_back(tmp_path: Path) -> None:
+    model, ema, recorder = gpt2(), EMACallback(decay=0.9, final_dir=None), Recorder()
+    trainer = Trainer(
+        model=model,
+        args=arguments(tmp_path, eval_strategy="steps", eval_steps=4),
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(8),
+        callbacks=[recorder, ema],
+    )
+    trainer.train()
+    assert len(recorder.in_evaluation) == 2
+    assert not torch.equal(recorder.in_evaluation[-1], model.transformer.h[0].mlp.c_fc.weight)
+    assert torch.equal(recorder.in_evaluation[-1], ema.ema.ema_model.transformer.h[0].mlp.c_fc.weight)
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight.double(), recorder.after_step[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoints_hold_the_ema_and_resume_exactly(tmp_path: Path, dtype: torch.dtype) -> None:
+    full = EMACallback(decay=0.9, final_dir=None)
+    Trainer(model=gpt2(dtype), args=arguments(tmp_path / "full"), train_dataset=Tokens(), callbacks=[full]).train()
+
+    first = EMACallback(decay=0.9, final_dir=None)
+    args = arguments(tmp_path / "split")
+    Trainer(model=gpt2(dtype), args=args, train_dataset=Tokens(), callbacks=[first]).train()
+    checkpoint = tmp_path / "split" / "checkpoint-4"
+    assert (checkpoint / WEIGHTS_NAME).is_file() and (checkpoint / "model.safetensors").is_file()
+    assert (checkpoint / MASTERS_NAME).is_file() == (dtype == torch.bfloat16)
+    resumed = EMACallback(decay=0.9, final_dir=None)
+    Trainer(model=gpt2(dtype), args=args, train_dataset=Tokens(), callbacks=[resumed]).train(
+        resume_from_checkpoint=str(checkpoint)
+    )
+    assert resumed.ema.num_updates == full.ema.num_updates == 8
+    for a, b in zip(
+        resumed.ema.state_dict()["ema_model"].values(), full.ema.state_dict()["ema_model"].values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    if dtype == torch.bfloat16:
+        for k, v in resumed.ema.state_dict()["master"].items():
+            assert torch.equal(v, full.ema.state_dict()["master"][k]), k
+
+
+def test_the_final_ema_loads_with_from_pretrained(tmp_path: Path) -> None:
+    model, ema = gpt2(), EMACallback(decay=0.9)
+    Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=Tokens(), callbacks=[ema]).train()
+    averaged = AutoModelForCausalLM.from_pretrained(tmp_path / "ema")
+    for (name, a), b in zip(averaged.state_dict().items(), ema.ema.ema_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(model.lm_head.weight, averaged.lm_head.weight)  # the model kept its online weights
+    assert averaged.lm_head.weight.data_ptr() == averaged.transformer.wte.weight.data_ptr()  # still tied
+
+
+DDP_SCRIPT = """
+import sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from polyak.transformers import EMACallback
+
+class Tokens(torch.utils.data.Dataset):
+    ids = torch.randint(0, 40, (32, 12), generator=torch.Generator().manual_seed(1))
+    def __len__(self): return len(self.ids)
+    def __getitem__(self, i): return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16))
+ema = EMACallback(decay=0.9, final_dir=None)
+args = TrainingArguments(output_dir=sys.argv[1], use_cpu=True, per_device_train_batch_size=4, max_steps=4,
+                         save_strategy="steps", save_steps=4, report_to=[], logging_strategy="no", disable_tqdm=True,
+                         ddp_backend="gloo")
+trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ema])
+trainer.train()
+rank = trainer.args.process_index
+torch.save({"ema": ema.ema.ema_model.state_dict(), "updates": ema.ema.num_updates}, f"{sys.argv[1]}/rank{rank}.pt")
+"""
+
+
+def test_ddp_ranks_hold_the_same_ema_and_rank_zero_writes_it(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    run_program(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(script),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["updates"] == ranks[1]["updates"] == 4
+    for k, v in ranks[0]["ema"].items():
+        assert torch.equal(v, ranks[1]["ema"][k]), k
+    assert (tmp_path / "checkpoint-4" / WEIGHTS_NAME).is_file()
+
+
+# -- Accelerate -------------------------------------------------------------------------------------------------------
+def test_accelerate_checkpoints_an_ema_and_a_post_hoc_ema_exactly(tmp_path: Path) -> None:
+    """A plain Accelerate loop: the EMA of the unwrapped model, registered for checkpointing."""
+
+    def run(steps: int, resume: bool, folder: str):
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(torch.bfloat16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ema = EMA(accelerator.unwrap_model(model), momentum=0.1)
+        posthoc = PostHocEMA(accelerator.unwrap_model(model), snapshot_every=100, directory=tmp_path / folder)
+        accelerator.register_for_checkpointing(ema, posthoc)
+        if resume:
+            accelerator.load_state(str(tmp_path / "state"))
+        for _ in range(steps):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(ema.num_updates)).to(torch.bfloat16)
+            loss = model(x).float().pow(2).mean()
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+            ema.update()
+            posthoc.update()
+        return accelerator, ema, posthoc
+
+    _, full, full_posthoc = run(6, False, "full")
+    accelerator, _, _ = run(3, False, "split")
+    accelerator.save_state(str(tmp_path / "state"))
+    _, resumed, resumed_posthoc = run(3, True, "split")
+    assert resumed.num_updates == full.num_updates == 6
+    for a, b in zip(resumed.state_dict()["master"].values(), full.state_dict()["master"].values(), strict=True):
+        assert torch.equal(a, b)
+    for x, y in zip(resumed_posthoc.emas, full_posthoc.emas, strict=True):
+        for a, b in zip(x.ema_model.parameters(), y.ema_model.parameters(), strict=True):
+            assert torch.equal(a, b)
