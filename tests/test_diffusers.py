@@ -35,11 +35,11 @@ def train(model: UNet2DModel, emas: list, steps: int = 12, lr: float = 1e-2) -> 
     """The loop of diffusers' training scripts: a denoising loss, an optimizer step, then ema.step()."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(1)
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     for _ in range(steps):
-        clean = torch.randn(4, 1, 8, 8, generator=g).to(dtype)
-        noise = torch.randn(4, 1, 8, 8, generator=g).to(dtype)
-        t = torch.randint(0, 100, (4,), generator=g)
+        clean = torch.randn(4, 1, 8, 8, generator=g).to(device, dtype)
+        noise = torch.randn(4, 1, 8, 8, generator=g).to(device, dtype)
+        t = torch.randint(0, 100, (4,), generator=g).to(device)
         loss = (model(clean + noise, t).sample.float() - noise.float()).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -212,3 +212,16 @@ def test_bad_states_are_refused_and_change_nothing(state: dict, match: str) -> N
     assert ema.decay == 0.9 and ema.optimization_step == 2
     for a, b in zip(ema.shadow_params, before, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offloaded_to_the_cpu_it_stays_there_and_stages_through_pinned_memory() -> None:
+    model = unet().cuda()
+    offloaded, on_gpu = EMAModel(model.parameters(), decay=0.9), EMAModel(model.parameters(), decay=0.9)
+    offloaded.to("cpu")
+    train(model, [offloaded, on_gpu], steps=4)
+    assert all(s.device.type == "cpu" for s in offloaded.shadow_params)
+    stagings = [k.staging for k in offloaded.ema._kernels if getattr(k, "staging", None) is not None]
+    assert stagings and all(b.flat.is_pinned() for b in stagings)
+    for a, b in zip(offloaded.shadow_params, on_gpu.shadow_params, strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)

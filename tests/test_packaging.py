@@ -104,6 +104,23 @@ def test_emahandler_without_ignite_says_how_to_install_it() -> None:
     assert result.stdout.strip().splitlines() == [expected] * 3
 
 
+def test_the_other_integrations_say_how_to_install_what_they_need() -> None:
+    code = (
+        "for module in ('polyak.lightning', 'polyak.transformers'):\n"
+        "    try:\n"
+        "        __import__(module)\n"
+        "    except ModuleNotFoundError as e:\n"
+        "        print(e)\n"
+        "import polyak.diffusers  # needs nothing but torch: diffusers' classes come in with its user's model\n"
+    )
+    result = python(code, blocked=("lightning", "transformers", "diffusers"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == [
+        "polyak.lightning needs lightning, which is not installed: pip install 'polyak[lightning]'",
+        "polyak.transformers needs transformers, which is not installed: pip install 'polyak[hf]'",
+    ]
+
+
 def test_demo_without_its_extras_exits_with_one_clear_line(tmp_path: Path) -> None:
     result = python(
         "from polyak.__main__ import main\nsys.exit(main(['demo', '--output-dir', 'runs']))",

@@ -9,6 +9,7 @@ from types import ModuleType
 _PROVIDERS = {
     "ignite": ("pytorch-ignite", "ignite"),
     "lightning": ("lightning", "lightning"),
+    "transformers": ("transformers", "hf"),
     "sklearn": ("scikit-learn", "demo"),
     "matplotlib": ("matplotlib", "demo"),
     "tqdm": ("tqdm", "demo"),
