@@ -52,7 +52,8 @@ def test_compiled_update_matches_the_eager_one():
 
 def test_flat_compiled_update_needs_no_staging_buffer():
     ema = EMA(net(), flat=True, compile=True)
-    assert all(k.staging is None for k in ema._kernels)
+    ema.update()
+    assert all(k.work_dtype is None and not k.scratch for k in ema._kernels)
 
 
 def test_compile_needs_flat():

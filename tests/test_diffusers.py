@@ -12,6 +12,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel as DiffusersEMAModel
 
+from polyak import _kernels
 from polyak.diffusers import EMAModel
 
 CONFIG = dict(
@@ -221,7 +222,7 @@ def test_offloaded_to_the_cpu_it_stays_there_and_stages_through_pinned_memory() 
     offloaded.to("cpu")
     train(model, [offloaded, on_gpu], steps=4)
     assert all(s.device.type == "cpu" for s in offloaded.shadow_params)
-    stagings = [k.staging for k in offloaded.ema._kernels if getattr(k, "staging", None) is not None]
-    assert stagings and all(b.flat.is_pinned() for b in stagings)
+    scratch = [b for k in offloaded.ema._kernels for b in getattr(k, "scratch", [])]
+    assert scratch and all(b.is_pinned() and b.numel() <= _kernels.CHUNK for b in scratch)
     for a, b in zip(offloaded.shadow_params, on_gpu.shadow_params, strict=True):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)

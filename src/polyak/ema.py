@@ -548,14 +548,13 @@ class EMA:
         self.num_updates = k
         return m
 
-    def _stage(self) -> None:
+    def _refetch(self) -> None:
         for kernel in self._kernels:
             kernel.refetch()
-            kernel.stage()
 
     def _fold(self, m: float, k: int) -> bool:
         """The update of every group; False where ``skip_nonfinite`` skipped it."""
-        self._stage()
+        self._refetch()
         if self.skip_nonfinite and self._skips(k):
             return False
         for kernel in self._kernels:
@@ -605,7 +604,7 @@ class EMA:
             return torch.isfinite(torch.stack(norms)).all()
 
         def all_finite(exact: bool) -> Tensor:
-            sources = [k.source() for k in self._kernels] + ([Buf(copied)] if copied else [])
+            sources = [k.online for k in self._kernels] + ([Buf(copied)] if copied else [])
             flags = [probe(s, exact).to("cpu") for s in sources]
             return torch.stack(flags).all() if flags else torch.tensor(True)
 

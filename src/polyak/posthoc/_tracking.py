@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polyak._kernels import Kernel, Lerp, Staged, copy
+from polyak._kernels import Kernel, Lerp, Staged
 from polyak.ema import EMA, HANDLE_BUFFERS
 from polyak.posthoc._files import (
     _SNAPSHOT,
@@ -336,9 +335,10 @@ def _snapshot_tensors(
 class _Together:
     """Several EMAs of one model (different schedules), updated in one pass.
 
-    The online values are staged once, and one ``_foreach_lerp_`` per group covers all of them, with a list of
-    momenta. Where the EMAs are not grouped alike (or use stochastic rounding, ``per_step`` or sharded
-    tensors), each updates on its own.
+    Each chunk of online values is staged once (where it must be), and averaged into every profile while it
+    is still in cache; where nothing is staged, each profile lerps from the online tensors. Where the EMAs
+    are not grouped alike (or use stochastic rounding, ``per_step`` or sharded tensors), each updates on its
+    own.
     """
 
     def __init__(self, emas: list[EMA]) -> None:
@@ -354,10 +354,20 @@ class _Together:
             e._ensure_current()
 
         def shape(k: Kernel) -> tuple[Any, ...]:
-            acc, source = k.accumulator.views[0], k.source().views[0]
-            return (type(k), k.names, k.master is None, acc.dtype, acc.device, source.dtype, source.device)
+            acc, online = k.accumulator, k.online
+            return (
+                type(k),
+                k.names,
+                k.master is None,
+                acc.views[0].dtype,
+                acc.views[0].device,
+                acc.flat is None,
+                k.ema.flat is None,
+                getattr(k, "work_dtype", None),
+                online.flat is None,
+            )
 
-        # one lerp over all profiles needs them alike, down to where each accumulates and what it reads
+        # one pass over all profiles needs them alike, down to where each accumulates and what it reads
         shapes = [[shape(k) for k in e._kernels] for e in self.emas]
         return all(s == shapes[0] for s in shapes) and all(
             type(k) in (Lerp, Staged) and k.sharded is None for k in first._kernels
@@ -378,20 +388,18 @@ class _Together:
                 if not 0.0 <= m <= 1.0:
                     raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
             first = emas[0]
-            first._stage()  # once for all: the others read the first one's staging buffers
             if first.skip_nonfinite and first._skips(ks[0]):
                 for e in emas[1:]:
                     e.num_skipped += 1
                 return [0.0] * len(emas)
             for i, kernel in enumerate(first._kernels):
-                n = len(kernel.names)
-                accs = list(itertools.chain.from_iterable(e._kernels[i].accumulator.views for e in emas))
-                weights = list(itertools.chain.from_iterable([m] * n for m in ms))
-                torch._foreach_lerp_(accs, kernel.source().views * len(emas), weights)
+                alike = [e._kernels[i] for e in emas]
+                if isinstance(kernel, Staged):
+                    Staged.apply_together(alike, ms)  # type: ignore[arg-type]
+                else:
+                    for k, m in zip(alike, ms, strict=True):
+                        k.apply(m)
             for e in emas:
-                for kernel in e._kernels:
-                    if kernel.master is not None:
-                        copy(kernel.ema, kernel.master)
                 e._finish()
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
