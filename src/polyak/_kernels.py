@@ -79,46 +79,6 @@ def copy(dst: Buf, src: Buf, non_blocking: bool = False) -> None:
         torch._foreach_copy_(dst.views, src.views, non_blocking=non_blocking)
 
 
-class Kernel(abc.ABC):
-    """The update of one group. ``online``/``ema`` hold the tensors (for a sharded group, the DTensors, whose
-    local shards :meth:`refetch` takes afresh: FSDP2 may re-allocate them)."""
-
-    master: Buf | None = None
-
-    def __init__(self, names: list[str], online: Buf, ema: Buf, sharded: tuple[list[Tensor], list[Tensor]] | None):
-        self.names = names
-        self.online = online
-        self.ema = ema
-        self.sharded = sharded
-        # the EMA model's dtype the kernel writes (the tensors may be converted later: that is a change)
-        self.ema_dtype = ema.views[0].dtype
-
-    def refetch(self) -> None:
-        if self.sharded is not None:
-            self.online.views = list(map(local, self.sharded[0]))
-            self.ema.views = list(map(local, self.sharded[1]))
-
-    @abc.abstractmethod
-    def apply(self, m: float) -> None:
-        """Fold the online values into the average with momentum ``m``."""
-
-    def resync(self) -> None:
-        """Take the master's values from the EMA model (after someone else wrote into it)."""
-        if self.master is not None:
-            copy(self.master, self.ema)
-
-    @property
-    def accumulator(self) -> Buf:
-        return self.master if self.master is not None else self.ema
-
-
-class Lerp(Kernel):
-    """The EMA model's tensors accumulate, and read the online tensors as they are."""
-
-    def apply(self, m: float) -> None:
-        lerp(self.ema, self.online, m)
-
-
 CHUNK = 1 << 20
 """Elements per chunk of a staged update. Converting the online values and averaging them chunk by chunk needs
 a scratch buffer of one chunk (4 MiB in float32) instead of a staging copy of the whole model, and was as fast
@@ -150,44 +110,27 @@ def _splittable(tensors: list[Tensor]) -> bool:
     return all(t.stride() == strides and t.shape == tensors[0].shape for t in tensors)
 
 
-class Staged(Kernel):
-    """The online values converted to the accumulator's dtype and device (staged) where they must be, and/or
-    averaged into a master where the EMA model's dtype is not the accumulator's, then copied out to the EMA
-    model; chunk by chunk (:data:`CHUNK`), through a scratch buffer of one chunk, each chunk still in cache
-    from one step to the next."""
+class Kernel(abc.ABC):
+    """The update of one group. ``online``/``ema`` hold the tensors (for a sharded group, the DTensors, whose
+    local shards :meth:`refetch` takes afresh: FSDP2 may re-allocate them)."""
 
-    scratch_buffers = 1
+    master: Buf | None = None
 
-    def __init__(
-        self,
-        names: list[str],
-        online: Buf,
-        ema: Buf,
-        sharded: tuple[list[Tensor], list[Tensor]] | None,
-        acc_dtype: torch.dtype,
-        work_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(names, online, ema, sharded)
-        self.device = ema.views[0].device
-        online_device = online.views[0].device
-        if acc_dtype != ema.views[0].dtype:
-            self.master = Buf.empty_like(ema.views, acc_dtype, self.device)
-            copy(self.master, ema)
-        work_dtype = work_dtype or acc_dtype
-        # the dtype the online values are staged into (None: the update reads them as they are)
-        self.work_dtype: torch.dtype | None = None
-        if work_dtype != online.views[0].dtype or self.device != online_device:
-            self.work_dtype = work_dtype
-        self.pin = self.device.type == "cpu" and online_device.type == "cuda"
-        self.wait_for = online_device if self.pin else None
-        self.scratch: list[Tensor] = []  # flat buffers of one chunk, made at the first update that needs them
+    def __init__(self, names: list[str], online: Buf, ema: Buf, sharded: tuple[list[Tensor], list[Tensor]] | None):
+        self.names = names
+        self.online = online
+        self.ema = ema
+        self.sharded = sharded
+        # the EMA model's dtype the kernel writes (the tensors may be converted later: that is a change)
+        self.ema_dtype = ema.views[0].dtype
         self._plan: list[Chunk] | None = None
         self._pieces: list[tuple[Tensor, int]] = []  # the tensors read in pieces, and their data's address
 
     def refetch(self) -> None:
         if self.sharded is not None:
             before = self.online.views + self.ema.views
-            super().refetch()
+            self.online.views = list(map(local, self.sharded[0]))
+            self.ema.views = list(map(local, self.sharded[1]))
             if any(a is not b for a, b in zip(before, self.online.views + self.ema.views, strict=True)):
                 self._plan = None
 
@@ -239,6 +182,76 @@ class Staged(Kernel):
             out.append(chunk(parts, numel))
         return out
 
+    def staged(self, c: Chunk) -> Buf:
+        """The chunk's online values where the update reads them (as they are, unless a kernel stages them)."""
+        return c.online
+
+    @abc.abstractmethod
+    def apply(self, m: float) -> None:
+        """Fold the online values into the average with momentum ``m``."""
+
+    def resync(self) -> None:
+        """Take the master's values from the EMA model (after someone else wrote into it)."""
+        if self.master is not None:
+            copy(self.master, self.ema)
+
+    @property
+    def accumulator(self) -> Buf:
+        return self.master if self.master is not None else self.ema
+
+
+def apply_together(kernels: list[Kernel], momenta: list[float]) -> None:
+    """Alike kernels of several EMAs of one model (same tensors, layouts and kernel type), chunk by chunk:
+    each chunk of online values read (and staged) once, then averaged into each EMA while in cache."""
+    plans = [k.chunks() for k in kernels]
+    for i, c in enumerate(plans[0]):
+        source = kernels[0].staged(c)
+        for plan, m in zip(plans, momenta, strict=True):
+            lerp(plan[i].acc, source, m)
+            ema = plan[i].ema
+            if ema is not None:
+                copy(ema, plan[i].acc)
+
+
+class Lerp(Kernel):
+    """The EMA model's tensors accumulate, and read the online tensors as they are."""
+
+    def apply(self, m: float) -> None:
+        lerp(self.ema, self.online, m)
+
+
+class Staged(Kernel):
+    """The online values converted to the accumulator's dtype and device (staged) where they must be, and/or
+    averaged into a master where the EMA model's dtype is not the accumulator's, then copied out to the EMA
+    model; chunk by chunk (:data:`CHUNK`), through a scratch buffer of one chunk, each chunk still in cache
+    from one step to the next."""
+
+    scratch_buffers = 1
+
+    def __init__(
+        self,
+        names: list[str],
+        online: Buf,
+        ema: Buf,
+        sharded: tuple[list[Tensor], list[Tensor]] | None,
+        acc_dtype: torch.dtype,
+        work_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(names, online, ema, sharded)
+        self.device = ema.views[0].device
+        online_device = online.views[0].device
+        if acc_dtype != ema.views[0].dtype:
+            self.master = Buf.empty_like(ema.views, acc_dtype, self.device)
+            copy(self.master, ema)
+        work_dtype = work_dtype or acc_dtype
+        # the dtype the online values are staged into (None: the update reads them as they are)
+        self.work_dtype: torch.dtype | None = None
+        if work_dtype != online.views[0].dtype or self.device != online_device:
+            self.work_dtype = work_dtype
+        self.pin = self.device.type == "cpu" and online_device.type == "cuda"
+        self.wait_for = online_device if self.pin else None
+        self.scratch: list[Tensor] = []  # flat buffers of one chunk, made at the first update that needs them
+
     def scratch_of(self, c: Chunk) -> list[Buf]:
         """The scratch buffers' views shaped like the chunk's tensors (made once per chunk)."""
         if c.scratch is None:
@@ -268,17 +281,6 @@ class Staged(Kernel):
             lerp(c.acc, self.staged(c), m)
             if c.ema is not None:
                 copy(c.ema, c.acc)
-
-    @staticmethod
-    def apply_together(kernels: list[Staged], momenta: list[float]) -> None:
-        """Alike kernels of several EMAs of one model: each chunk staged once, averaged into each."""
-        plans = [k.chunks() for k in kernels]
-        for i, c in enumerate(plans[0]):
-            source = kernels[0].staged(c)
-            for plan, m in zip(plans, momenta, strict=True):
-                lerp(plan[i].acc, source, m)
-                if plan[i].ema is not None:
-                    copy(plan[i].ema, plan[i].acc)  # type: ignore[arg-type]
 
 
 class Stochastic(Staged):

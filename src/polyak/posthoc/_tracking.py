@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polyak._kernels import Kernel, Lerp, Staged
+from polyak._kernels import Kernel, Lerp, Staged, apply_together
 from polyak.ema import EMA, HANDLE_BUFFERS
 from polyak.posthoc._files import (
     _SNAPSHOT,
@@ -335,8 +335,8 @@ def _snapshot_tensors(
 class _Together:
     """Several EMAs of one model (different schedules), updated in one pass.
 
-    Each chunk of online values is staged once (where it must be), and averaged into every profile while it
-    is still in cache; where nothing is staged, each profile lerps from the online tensors. Where the EMAs
+    Each chunk of online values is read (and staged, where it must be) once, and averaged into every profile
+    while it is still in cache: a pass over the model instead of one per profile. Where the EMAs
     are not grouped alike (or use stochastic rounding, ``per_step`` or sharded tensors), each updates on its
     own.
     """
@@ -392,13 +392,8 @@ class _Together:
                 for e in emas[1:]:
                     e.num_skipped += 1
                 return [0.0] * len(emas)
-            for i, kernel in enumerate(first._kernels):
-                alike = [e._kernels[i] for e in emas]
-                if isinstance(kernel, Staged):
-                    Staged.apply_together(alike, ms)  # type: ignore[arg-type]
-                else:
-                    for k, m in zip(alike, ms, strict=True):
-                        k.apply(m)
+            for i in range(len(first._kernels)):
+                apply_together([e._kernels[i] for e in emas], ms)
             for e in emas:
                 e._finish()
         finally:
