@@ -13,6 +13,8 @@ import contextlib
 import copy
 import dataclasses
 import io
+from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from polyak import EMA
+from polyak import EMA, _kernels
 
 MODES = {
     "default": dict(dtype=torch.float32, kwargs={}),
@@ -30,7 +32,20 @@ MODES = {
     "update-buffers": dict(dtype=torch.float32, kwargs={"handle_buffers": "update"}),
     "device": dict(dtype=torch.float32, kwargs={"device": "cpu"}),
     "bf16-compile": dict(dtype=torch.bfloat16, kwargs={"flat": True, "compile": True}),
+    # the default mode's gathered update of small 1-D tensors, for every one of them (GATHER_MIN = 1)
+    "gathered": dict(dtype=torch.float32, kwargs={}),
 }
+
+
+@pytest.fixture(autouse=True)
+def _gather_in_gathered_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    callspec = getattr(request.node, "callspec", None)
+    with gathering(callspec is not None and callspec.params.get("mode") == "gathered"):
+        yield
+
+
+def gathering(on: bool) -> contextlib.AbstractContextManager:
+    return mock.patch.object(_kernels, "GATHER_MIN", 1) if on else contextlib.nullcontext()
 
 
 class Net(nn.Module):
@@ -68,6 +83,7 @@ def build(mode: str, seed: int = 0) -> tuple[nn.Module, EMA, Reference]:
     spec = MODES[mode]
     model = Net().to(spec["dtype"])
     ema = EMA(model, momentum=0.3, **spec["kwargs"])
+    assert (mode == "gathered") == any(isinstance(k, _kernels.Gathered) for k in ema._kernels)
     return model, ema, Reference(model)
 
 
@@ -514,8 +530,16 @@ OPS = [
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mode=st.sampled_from(["default", "flat", "bf16-master"]), ops=st.lists(st.sampled_from(OPS), max_size=10))
+@given(
+    mode=st.sampled_from(["default", "flat", "bf16-master", "gathered"]),
+    ops=st.lists(st.sampled_from(OPS), max_size=10),
+)
 def test_any_sequence_of_changes_keeps_the_ema_exact(mode: str, ops: list[str]) -> None:
+    with gathering(mode == "gathered"):
+        any_sequence_of_changes(mode, ops)
+
+
+def any_sequence_of_changes(mode: str, ops: list[str]) -> None:
     model, ema, ref = build(mode, seed=len(ops))
     tightest = MODES[mode]["dtype"]
     for op in ops:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from polyak import _kernels
 from polyak._kernels import dense_strides, split_views
 from polyak._tracking import Pair
 
@@ -43,6 +44,25 @@ def flattenable(members: list[Pair], ours: set[int]) -> tuple[list[Pair], list[P
         alone = movable(p.online) and movable(p.ema)
         (ok if alone and p.online.stride() == p.ema.stride() else rest).append(p)
     return ok, rest
+
+
+def gatherable(members: list[Pair], ours: set[int]) -> tuple[list[Pair], list[Pair]]:
+    """Pairs of small 1-D tensors (under ``GATHER_MAX`` elements) whose EMA side can be flattened, if there
+    are at least ``GATHER_MIN`` of them; and the rest."""
+    if _span([p.ema for p in members]) is not None:
+        movable = [True] * len(members)
+    else:
+        movable = [
+            _owns_storage(p.ema) or (p.ema.untyped_storage().data_ptr() in ours and p.ema.stride() == (1,))
+            for p in members
+        ]
+    small, rest = [], []
+    for p, ok in zip(members, movable, strict=True):
+        fits = ok and p.online.dim() == p.ema.dim() == 1 and 0 < p.online.numel() < _kernels.GATHER_MAX
+        (small if fits else rest).append(p)
+    if len(small) < _kernels.GATHER_MIN:
+        return [], members
+    return small, rest
 
 
 def _flat_span(members: list[Pair]) -> Tensor | None:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from polyak import _sharding as sharding
-from polyak._flat import compact_state_dicts, flatten, flattenable
-from polyak._kernels import Buf, Compiled, Kernel, Lerp, Staged, Stochastic
+from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable
+from polyak._kernels import Buf, Compiled, Gathered, Kernel, Lerp, Staged, Stochastic
 from polyak._tracking import (
     Pair,
     Selector,
@@ -375,7 +375,31 @@ class EMA:
             flat, rest = flattenable(members, self._flat_storages)
             out = [self._kernel(flat, flat=True)] if flat else []
             return out + ([self._kernel(rest, flat=False)] if rest else [])
+        if not sharding.is_dtensor(members[0].online) and self._reads_as_is(members[0]):
+            small, rest = gatherable(members, self._flat_storages)
+            if small:
+                return [self._gathered(small)] + ([self._kernel(rest, flat=False)] if rest else [])
         return [self._kernel(members, flat=False)]
+
+    def _reads_as_is(self, p: Pair) -> bool:
+        """Whether the group of ``p`` averages in the EMA model's tensors, reading the online ones as they are."""
+        dtype = p.ema.dtype
+        return (
+            not (self.stochastic_rounding and not dtype.is_complex)
+            and self._accumulator_dtype(dtype) == dtype
+            and p.online.dtype == dtype
+            and p.online.device == p.ema.device
+        )
+
+    def _gathered(self, members: list[Pair]) -> Kernel:
+        """Many small 1-D tensors: the EMA side becomes one flat buffer, the online side is gathered into it."""
+        names = [p.name for p in members]
+        ema_t = [p.ema for p in members]
+        ema = Buf(ema_t, flatten(ema_t))
+        assert ema.flat is not None
+        self._flat_storages.add(ema.flat.untyped_storage().data_ptr())
+        compact_state_dicts(unwrap_model(self.ema_model), names)
+        return Gathered(names, Buf([p.online for p in members]), ema)
 
     def _kernel(self, members: list[Pair], flat: bool) -> Kernel:
         names = [p.name for p in members]
@@ -396,7 +420,7 @@ class EMA:
         if self.stochastic_rounding and not ema_dtype.is_complex:
             assert self._generator is not None
             return Stochastic(names, online, ema, shards, self._generator)
-        if acc == ema_dtype and online.views[0].dtype == ema_dtype and online.views[0].device == ema.views[0].device:
+        if self._reads_as_is(members[0]):
             return Lerp(names, online, ema, shards)
         if self.compile and flat and acc != ema_dtype:
             return Compiled(names, online, ema, shards, acc)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polyak._kernels import Kernel, Lerp, Staged, apply_together
+from polyak._kernels import Gathered, Kernel, Lerp, Staged, apply_together
 from polyak.ema import EMA, HANDLE_BUFFERS
 from polyak.posthoc._files import (
     _SNAPSHOT,
@@ -370,7 +370,7 @@ class _Together:
         # one pass over all profiles needs them alike, down to where each accumulates and what it reads
         shapes = [[shape(k) for k in e._kernels] for e in self.emas]
         return all(s == shapes[0] for s in shapes) and all(
-            type(k) in (Lerp, Staged) and k.sharded is None for k in first._kernels
+            type(k) in (Lerp, Staged, Gathered) and k.sharded is None for k in first._kernels
         )
 
     def update(self) -> list[float]:
