@@ -29,6 +29,8 @@ MODES = {
     "flat": dict(dtype=torch.float32, kwargs={"flat": True}),
     "bf16-master": dict(dtype=torch.bfloat16, kwargs={}),
     "bf16-master-flat": dict(dtype=torch.bfloat16, kwargs={"flat": True}),
+    "bf16-split": dict(dtype=torch.bfloat16, kwargs={"master": "split"}),
+    "bf16-split-flat": dict(dtype=torch.bfloat16, kwargs={"master": "split", "flat": True}),
     "update-buffers": dict(dtype=torch.float32, kwargs={"handle_buffers": "update"}),
     "device": dict(dtype=torch.float32, kwargs={"device": "cpu"}),
     "bf16-compile": dict(dtype=torch.bfloat16, kwargs={"flat": True, "compile": True}),
@@ -531,7 +533,7 @@ OPS = [
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    mode=st.sampled_from(["default", "flat", "bf16-master", "gathered"]),
+    mode=st.sampled_from(["default", "flat", "bf16-master", "gathered", "bf16-split"]),
     ops=st.lists(st.sampled_from(OPS), max_size=10),
 )
 def test_any_sequence_of_changes_keeps_the_ema_exact(mode: str, ops: list[str]) -> None:

@@ -97,6 +97,8 @@ class Chunk:
     ema: Buf | None
     numel: int
     scratch: list[Buf] | None = None
+    low: Buf | None = None  # a split master's low halves
+    words: list[Tensor] | None = None  # int32 views of scratch shaped like the parts (a split master)
 
 
 def _piece(t: Tensor, start: int, n: int) -> Tensor:
@@ -141,7 +143,7 @@ class Kernel(abc.ABC):
         return self._plan
 
     def _chunks(self) -> list[Chunk]:
-        sides = [self.online, self.accumulator] + ([self.ema] if self.master is not None else [])
+        sides = self._sides()
         flats = [s.flat for s in sides]
         offset = 0  # of the chunk being filled, in the elements of the group (a flat buffer's order)
 
@@ -154,7 +156,7 @@ class Kernel(abc.ABC):
                 )
                 for p, f in zip(parts, flats, strict=True)
             ]
-            return Chunk(bufs[0], bufs[1], bufs[2] if len(bufs) > 2 else None, numel)
+            return self._chunk(bufs, numel)
 
         self._pieces = []
         if all(f is not None for f in flats):
@@ -194,6 +196,13 @@ class Kernel(abc.ABC):
             flush()
         return out
 
+    def _sides(self) -> list[Buf]:
+        """What a chunk holds a part of, in :meth:`_chunk`'s order."""
+        return [self.online, self.accumulator] + ([self.ema] if self.master is not None else [])
+
+    def _chunk(self, parts: list[Buf], numel: int) -> Chunk:
+        return Chunk(parts[0], parts[1], parts[2] if len(parts) > 2 else None, numel)
+
     def staged(self, c: Chunk) -> Buf:
         """The chunk's online values where the update reads them (as they are, unless a kernel stages them)."""
         return c.online
@@ -202,10 +211,33 @@ class Kernel(abc.ABC):
     def apply(self, m: float) -> None:
         """Fold the online values into the average with momentum ``m``."""
 
-    def resync(self) -> None:
-        """Take the master's values from the EMA model (after someone else wrote into it)."""
-        if self.master is not None:
-            copy(self.master, self.ema)
+    # -- the master, where there is one (the float32 average of a low-precision EMA model) ------------------
+    @property
+    def has_master(self) -> bool:
+        return self.master is not None
+
+    def master_values(self) -> list[Tensor]:
+        """The master of each tensor, in the accumulator's dtype (views where the master is kept whole)."""
+        assert self.master is not None
+        return self.master.views
+
+    def round_master(self, master: Tensor) -> Tensor:
+        """``master`` rounded as an update writes it into the EMA model."""
+        return master.to(self.ema_dtype)
+
+    def write_master(self, i: int, value: Tensor) -> None:
+        """Make ``value`` the master of tensor ``i`` (the EMA model's tensor is written after the update)."""
+        assert self.master is not None
+        self.master.views[i].copy_(value)
+
+    def revalidate(self, changed: list[int]) -> None:
+        """Someone wrote into the EMA model's tensors ``changed`` (by their version counters): where a master no
+        longer rounds to what the EMA model holds, the EMA model's value is the average now."""
+        assert self.master is not None
+        for i in changed:
+            view, ema = self.master.views[i], self.ema.views[i]
+            if not torch.equal(view.to(self.ema_dtype), ema):
+                view.copy_(ema)
 
     @property
     def accumulator(self) -> Buf:
@@ -360,6 +392,146 @@ class Stochastic(Staged):
             copy(c.acc, rounding)
             if c.ema is not None:
                 copy(c.ema, c.acc)
+
+
+_NAN = float("nan")
+_INF = float("inf")
+
+
+def split_float32(x: Tensor, words: Tensor, hi: Tensor, lo: Tensor) -> None:
+    """Write float32 ``x`` (flat; NaNs made canonical in place) as a bfloat16 high half ``hi`` (``x`` rounded
+    to nearest, ties away from zero) and an int16 low half ``lo``, both flat; ``words`` is int32 scratch.
+
+    With ``h = (bits + 0x8000) >> 16`` the remainder ``bits - (h << 16)`` lies in [-32768, 32767]: it fits an
+    int16, and ``(h << 16) + lo`` gives the float32 bits back exactly. (Rounding half to even would need
+    +32768.) A NaN whose bits lie within 0x8000 of the top of its sign's range would carry into the sign bit
+    or out of it, so NaNs are first made the canonical one.
+    """
+    x.nan_to_num_(nan=_NAN, posinf=_INF, neginf=-_INF)
+    bits = x.view(torch.int32)
+    torch.add(bits, 0x8000, out=words)
+    words.bitwise_right_shift_(16)  # arithmetic: the sign stays
+    hi.view(torch.int16).copy_(words)
+    words.bitwise_left_shift_(16)
+    torch.sub(bits, words, out=words)
+    lo.copy_(words)
+
+
+def join_float32(hi: Tensor, lo: Tensor, out: Tensor) -> Tensor:
+    """The float32 values whose high half is bfloat16 ``hi`` and low half int16 ``lo`` (flat), into ``out``
+    (float32, flat)."""
+    words = out.view(torch.int32)
+    words.copy_(hi.view(torch.int16))
+    words.bitwise_left_shift_(16)
+    words.add_(lo)
+    return out
+
+
+class Split(Staged):
+    """``master="split"``: the float32 average of a bfloat16 EMA model kept exactly in 2 more bytes per
+    parameter: the EMA model's bfloat16 values are its high half (rounded to nearest), an int16 buffer its
+    low half. Each chunk is joined into float32 scratch, averaged in float32, and split again: the result is,
+    bit for bit, the update of a float32 master, and the EMA model the master rounded to nearest (ties away
+    from zero where a float32 master rounds ties to even)."""
+
+    scratch_buffers = 2
+
+    def __init__(self, names: list[str], online: Buf, ema: Buf) -> None:
+        super().__init__(names, online, ema, None, torch.bfloat16, work_dtype=torch.float32)
+        assert self.ema_dtype == torch.bfloat16 and self.master is None
+        self.work_dtype = torch.float32
+        self.low = Buf.empty_like(ema.views, torch.int16, self.device)
+        self.low.flat.zero_()  # type: ignore[union-attr]  # the master starts as the EMA model's values
+
+    def _sides(self) -> list[Buf]:
+        return [self.online, self.ema, self.low]
+
+    def _chunk(self, parts: list[Buf], numel: int) -> Chunk:
+        return Chunk(parts[0], parts[1], None, numel, low=parts[2])
+
+    def _words(self, c: Chunk) -> list[Tensor]:
+        """int32 views of the second scratch buffer shaped like the chunk's tensors."""
+        if c.words is None:
+            work = self.scratch_of(c)[1].flat
+            assert work is not None
+            c.words = split_views(work.view(torch.int32), c.acc.views)
+        return c.words
+
+    def _join(self, c: Chunk) -> Tensor:
+        """The chunk's float32 master, in the second scratch buffer (flat)."""
+        work = self.scratch_of(c)[1].flat
+        assert work is not None and c.low is not None and c.low.flat is not None
+        words = work.view(torch.int32)
+        if c.acc.flat is not None:
+            words.copy_(c.acc.flat.view(torch.int16))
+        else:
+            torch._foreach_copy_(self._words(c), [t.view(torch.int16) for t in c.acc.views])
+        words.bitwise_left_shift_(16)
+        words.add_(c.low.flat)
+        return work
+
+    def _split(self, c: Chunk, x: Tensor, words: Tensor) -> None:
+        assert c.low is not None and c.low.flat is not None
+        if c.acc.flat is not None:
+            split_float32(x, words, c.acc.flat, c.low.flat)
+            return
+        x.nan_to_num_(nan=_NAN, posinf=_INF, neginf=-_INF)
+        bits = x.view(torch.int32)
+        torch.add(bits, 0x8000, out=words)
+        words.bitwise_right_shift_(16)
+        high = split_views(words, c.acc.views)
+        torch._foreach_copy_([t.view(torch.int16) for t in c.acc.views], high)
+        words.bitwise_left_shift_(16)
+        torch.sub(bits, words, out=words)
+        c.low.flat.copy_(words)
+
+    def apply(self, m: float) -> None:
+        for c in self.chunks():
+            staging = self.staged(c)
+            assert staging.flat is not None
+            x = self._join(c)
+            x.lerp_(staging.flat, m)
+            self._split(c, x, staging.flat.view(torch.int32))  # the staged values are used: their room is free
+
+    # the master is the join of the halves
+    @property
+    def has_master(self) -> bool:
+        return True
+
+    def master_values(self) -> list[Tensor]:
+        """The joined masters. Where the EMA model was converted since the update (it holds the high halves),
+        to float32 or float64 the high halves are intact; to another dtype they are lost, and so are the
+        masters: those are left out (empty tensors), and the EMA model's values become the average."""
+        out = []
+        for hi, lo in zip(self.ema.views, self.low.views, strict=True):
+            if hi.dtype not in (torch.bfloat16, torch.float32, torch.float64) or hi.shape != lo.shape:
+                out.append(torch.empty(0))
+                continue
+            high = hi.to(device=self.device, dtype=torch.bfloat16).contiguous().view(-1)
+            joined = torch.empty(hi.numel(), dtype=torch.float32, device=self.device)
+            join_float32(high, lo.contiguous().view(-1), joined)
+            out.append(joined.view(hi.shape))
+        return out
+
+    @staticmethod
+    def _halves(value: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        x = value.to(device=device, dtype=torch.float32, copy=True).contiguous().view(-1)
+        high, low = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
+        split_float32(x, torch.empty_like(x, dtype=torch.int32), high, low)
+        return high.view(value.shape), low.view(value.shape)
+
+    def round_master(self, master: Tensor) -> Tensor:
+        return self._halves(master, master.device)[0]  # to nearest, ties away from zero
+
+    def write_master(self, i: int, value: Tensor) -> None:
+        high, low = self._halves(value, self.device)
+        self.ema.views[i].copy_(high)
+        self.low.views[i].copy_(low)
+
+    def revalidate(self, changed: list[int]) -> None:
+        """The EMA model's value of a tensor someone wrote into is its average now: its low half is zero."""
+        for i in changed:
+            self.low.views[i].zero_()
 
 
 class Compiled(Staged):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from polyak import _sharding as sharding
 from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable
-from polyak._kernels import Buf, Compiled, Gathered, Kernel, Lerp, Staged, Stochastic
+from polyak._kernels import Buf, Compiled, Gathered, Kernel, Lerp, Split, Staged, Stochastic
 from polyak._tracking import (
     Pair,
     Selector,
@@ -160,6 +160,7 @@ class EMA:
         exclude: str | Sequence[str] | None = None,
         predicate: Selector | None = None,
         trainable_only: bool = False,
+        master: str = "float32",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}: {model!r}")
@@ -180,6 +181,12 @@ class EMA:
         if stochastic_rounding and dtype != torch.bfloat16:
             raise ValueError(
                 f"stochastic_rounding needs a bfloat16 average: pass dtype=torch.bfloat16, got dtype={dtype!r}"
+            )
+        if master not in ("float32", "split"):
+            raise ValueError(f"master must be 'float32' or 'split', got {master!r}")
+        if master == "split" and dtype not in (None, torch.float32):
+            raise ValueError(
+                f"master='split' keeps a float32 average of bfloat16 tensors: it needs dtype=None, got dtype={dtype!r}"
             )
         seed = _check_int("seed", seed, 0)
         if device is not None:
@@ -215,6 +222,7 @@ class EMA:
         self.device = device
         self.flat = flat
         self.compile = compile
+        self.master = master
         self.num_updates = 0
         self.num_skipped = 0
         self._swap_depth = 0
@@ -422,6 +430,12 @@ class EMA:
             return Stochastic(names, online, ema, shards, self._generator)
         if self._reads_as_is(members[0]):
             return Lerp(names, online, ema, shards)
+        if self.master == "split" and ema_dtype == torch.bfloat16 and acc == torch.float32:
+            if sharded:
+                raise TypeError(
+                    "master='split' does not support sharded (FSDP2) models yet: use the default float32 master"
+                )
+            return Split(names, online, ema)
         if self.compile and flat and acc != ema_dtype:
             return Compiled(names, online, ema, shards, acc)
         return Staged(names, online, ema, shards, acc)
@@ -439,7 +453,7 @@ class EMA:
         self._structure = Structure([online, ema], watched)
         flats = [b.flat for k in self._kernels for b in (k.online, k.ema) if b.flat is not None]
         self._flat_users = [(t, storage_users(t)) for t in flats]
-        self._master_kernels = [k for k in self._kernels if k.master is not None]
+        self._master_kernels = [k for k in self._kernels if k.has_master]
         self._record_versions()
         self._simple = (
             len(self._kernels) == 1
@@ -464,15 +478,15 @@ class EMA:
         return [versions(k.ema.views) for k in self._master_kernels]
 
     # -- masters across a change ----------------------------------------------------------------------
-    def _masters_by_name(self) -> dict[str, tuple[Tensor, torch.dtype]]:
-        """Each master's values by tensor name, with the dtype the EMA model had when they were written."""
+    def _masters_by_name(self) -> dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]:
+        """Each master's values by tensor name, with how they were rounded into the EMA model."""
         out = {}
         for k in getattr(self, "_kernels", []):
-            if k.master is not None:
-                out.update({n: (v, k.ema_dtype) for n, v in zip(k.names, k.master.views, strict=True)})
+            if k.has_master:
+                out.update({n: (v, k.round_master) for n, v in zip(k.names, k.master_values(), strict=True)})
         return out
 
-    def _restore_masters(self, previous: dict[str, tuple[Tensor, torch.dtype]]) -> None:
+    def _restore_masters(self, previous: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]) -> None:
         """After a re-pairing, keep each master whose EMA values are unchanged (a conversion of the EMA model,
         not a load into it): its extra precision is not lost. Where the EMA model is now wide enough to hold
         the average itself, the master's values go into it."""
@@ -483,23 +497,23 @@ class EMA:
                 for i, name in enumerate(k.names):
                     if name not in previous:
                         continue
-                    master, written_dtype = previous[name]
+                    master, rounded = previous[name]
                     ema = k.ema.views[i]
                     if master.shape != ema.shape or not torch.equal(
-                        master.to(written_dtype).to(device=ema.device, dtype=ema.dtype), ema
+                        rounded(master).to(device=ema.device, dtype=ema.dtype), ema
                     ):
                         continue  # the EMA model holds other values now: they are the average
-                    target = k.master.views[i] if k.master is not None else ema
-                    target.copy_(master)
+                    if k.has_master:
+                        k.write_master(i, master)
+                    else:
+                        ema.copy_(master)
 
-    def _revalidate_masters(self) -> None:
-        """Someone wrote into the EMA model (a load, a swap): masters take its values where they differ."""
+    def _revalidate_masters(self, now: list[list[int]]) -> None:
+        """Someone wrote into the EMA model (a load, in-place edits): where a tensor's version counter moved,
+        its master takes the EMA model's value (unless it still rounds to it)."""
         with torch.no_grad():
-            for k in self._master_kernels:
-                assert k.master is not None
-                for view, ema in zip(k.master.views, k.ema.views, strict=True):
-                    if not torch.equal(view.to(k.ema_dtype), ema):
-                        view.copy_(ema)
+            for k, before, after in zip(self._master_kernels, self._versions, now, strict=True):
+                k.revalidate([i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b])
 
     # -- following the models -------------------------------------------------------------------------
     def _ensure_current(self) -> None:
@@ -510,8 +524,8 @@ class EMA:
             sharding.reshard(self._fsdp_online + self._fsdp_ema)
         if not self._structure.unchanged() or any(storage_users(t) < n for t, n in self._flat_users):
             self._build()
-        elif self._master_kernels and self._master_versions() != self._versions:
-            self._revalidate_masters()
+        elif self._master_kernels and (now := self._master_versions()) != self._versions:
+            self._revalidate_masters(now)
             self._record_versions()
 
     def refresh(self) -> None:
@@ -722,14 +736,32 @@ class EMA:
             sharding.reshard(fsdp)  # the swap is of the shards: no forward may reuse parameters gathered before
             pairs = [(sharding.local(p.online), sharding.local(p.ema)) for p in self._swap_pairs()]
             kept = self._swap_in(pairs)
+            inside = self._online_versions()
         self._swap_depth = 1
         try:
             yield self.model
         finally:
             with torch.no_grad():
                 sharding.reshard(fsdp)
+                written = self._online_versions()
                 self._swap_out(pairs, kept)
+                self._settle_versions(inside, written)
             self._swap_depth = 0
+
+    def _online_versions(self) -> list[list[int]]:
+        for k in self._master_kernels:
+            k.refetch()
+        return [versions(k.online.views) for k in self._master_kernels]
+
+    def _settle_versions(self, inside: list[list[int]], written: list[list[int]]) -> None:
+        """After swapped(): a tensor that nobody wrote inside the block holds its own values again, so its
+        master stands (the trade back bumped its version counter, not its value). Those written inside are
+        left for the next update to take as the average."""
+        now = self._master_versions()
+        self._versions = [
+            [new if a == b else old for old, new, a, b in zip(*rows, strict=True)]
+            for rows in zip(self._versions, now, inside, written, strict=True)
+        ]
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
@@ -823,9 +855,9 @@ class EMA:
         """
         masters = {}
         for k in self._kernels:
-            if k.master is None:
+            if not k.has_master:
                 continue
-            for i, (name, view) in enumerate(zip(k.names, k.master.views, strict=True)):
+            for i, (name, view) in enumerate(zip(k.names, k.master_values(), strict=True)):
                 if k.sharded is not None:
                     view = sharding.as_dtensor_like(view.clone() if saving else view, k.sharded[0][i])
                 masters[name] = view
@@ -896,11 +928,13 @@ class EMA:
             # values are exact for a master; rounding them into a bf16 EMA model first would lose bits)
             for k in self._kernels:
                 k.refetch()
-                targets = k.master.views if k.master is not None else k.ema.views
-                for name, target in zip(k.names, targets, strict=True):
+                for i, name in enumerate(k.names):
                     value = masters.get(name) if masters is not None else None
-                    value = ema_state[name] if value is None else value
-                    target.copy_(sharding.local(value))
+                    value = sharding.local(ema_state[name] if value is None else value)
+                    if k.has_master:
+                        k.write_master(i, value)
+                    else:
+                        k.ema.views[i].copy_(value)
         if generator is not None and self._generator is not None:
             self._generator.set_state(generator)
         self.num_updates = counts["num_updates"]
@@ -911,6 +945,7 @@ class EMA:
         sizes = ", ".join(
             f"{k.ema.views[0].dtype}@{k.ema.views[0].device}: {sum(t.numel() for t in k.ema.views)} elements"
             + (f" (master {k.master.views[0].dtype})" if k.master is not None else "")
+            + (" (split master)" if k.has_master and k.master is None else "")
             for k in self._kernels
         )
         return (
