@@ -31,6 +31,7 @@ MODES = {
     "bf16-master-flat": dict(dtype=torch.bfloat16, kwargs={"flat": True}),
     "bf16-split": dict(dtype=torch.bfloat16, kwargs={"master": "split"}),
     "bf16-split-flat": dict(dtype=torch.bfloat16, kwargs={"master": "split", "flat": True}),
+    "bf16-split-compile": dict(dtype=torch.bfloat16, kwargs={"master": "split", "flat": True, "compile": True}),
     "update-buffers": dict(dtype=torch.float32, kwargs={"handle_buffers": "update"}),
     "device": dict(dtype=torch.float32, kwargs={"device": "cpu"}),
     "bf16-compile": dict(dtype=torch.bfloat16, kwargs={"flat": True, "compile": True}),

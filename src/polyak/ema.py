@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from polyak import _sharding as sharding
 from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable
-from polyak._kernels import Buf, Compiled, Gathered, Kernel, Lerp, Split, Staged, Stochastic
+from polyak._kernels import Buf, Compiled, CompiledSplit, Gathered, Kernel, Lerp, Split, Staged, Stochastic
 from polyak._tracking import (
     Pair,
     Selector,
@@ -435,7 +435,7 @@ class EMA:
                 raise TypeError(
                     "master='split' does not support sharded (FSDP2) models yet: use the default float32 master"
                 )
-            return Split(names, online, ema)
+            return CompiledSplit(names, online, ema) if self.compile and flat else Split(names, online, ema)
         if self.compile and flat and acc != ema_dtype:
             return Compiled(names, online, ema, shards, acc)
         return Staged(names, online, ema, shards, acc)
