@@ -159,6 +159,8 @@ trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ema
 trainer.train()
 rank = trainer.args.process_index
 torch.save({"ema": ema.ema.ema_model.state_dict(), "updates": ema.ema.num_updates}, f"{sys.argv[1]}/rank{rank}.pt")
+torch.distributed.barrier()  # every rank done before gloo tears down (an abort at exit otherwise, now and then)
+torch.distributed.destroy_process_group()
 """
 
 
