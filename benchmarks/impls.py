@@ -439,3 +439,85 @@ def _torch_ema(model: nn.Module, momentum: float) -> Step:
     from torch_ema import ExponentialMovingAverage
 
     return ExponentialMovingAverage(model.parameters(), decay=1.0 - momentum).update
+
+
+@register(
+    "polyak-split",
+    "polyak EMA (master='split')",
+    "EMA(model, momentum=m, master='split').update(): the float32 master of bf16 tensors kept as the bf16 EMA "
+    "model (high half) and an int16 low half, 4 bytes per parameter",
+    applies=is_low_precision,
+)
+def _polyak_split(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+
+    return EMA(model, momentum=momentum, master="split").update
+
+
+@register(
+    "polyak-posthoc",
+    "polyak PostHocEMA (2 profiles)",
+    "PostHocEMA(model, sigma_rels=(0.05, 0.28)).update(), snapshots never due: two EMAs of power-function "
+    "profiles updated in one pass (compare with the next row)",
+)
+def _polyak_posthoc(model: nn.Module, momentum: float) -> Step:
+    import tempfile
+
+    from polyak.posthoc import PostHocEMA
+
+    folder = tempfile.mkdtemp(prefix="polyak-bench-")
+    return PostHocEMA(model, sigma_rels=(0.05, 0.28), snapshot_every=10**9, directory=folder).update
+
+
+@register(
+    "polyak-two-emas",
+    "two polyak EMAs (the same 2 profiles)",
+    "EMA(model, schedule=power_function(sigma_rel=s)).update() for s in (0.05, 0.28): what PostHocEMA's "
+    "update must not exceed",
+)
+def _polyak_two_emas(model: nn.Module, momentum: float) -> Step:
+    from polyak import EMA
+    from polyak.schedules import power_function
+
+    emas = [EMA(model, schedule=power_function(sigma_rel=s)) for s in (0.05, 0.28)]
+
+    def step() -> None:
+        for e in emas:
+            e.update()
+
+    return step
+
+
+@register(
+    "diffusers-ema",
+    "diffusers EMAModel",
+    "EMAModel(model.parameters(), decay=1-m, use_ema_warmup=False, foreach=True).step(model.parameters()); "
+    "parameters only, kept in the parameters' dtype",
+    requires=("diffusers",),
+    alternative=True,
+)
+def _diffusers_ema(model: nn.Module, momentum: float) -> Step:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(
+        model.parameters(), decay=1.0 - momentum, min_decay=1.0 - momentum, use_ema_warmup=False, foreach=True
+    )
+    return lambda: ema.step(model.parameters())
+
+
+@register(
+    "timm-ema-v3",
+    "timm ModelEmaV3",
+    "ModelEmaV3(model, decay=1-m, use_warmup=False).update(model); foreach lerp of parameters and buffers",
+    requires=("timm",),
+    alternative=True,
+)
+def _timm_ema(model: nn.Module, momentum: float) -> Step:
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=1.0 - momentum, use_warmup=False)
+    return functools.partial(ema.update, model)

@@ -248,6 +248,10 @@ def apply_together(kernels: list[Kernel], momenta: list[float]) -> None:
     """Alike kernels of several EMAs of one model (same tensors, layouts and kernel type), chunk by chunk:
     each chunk of online values read (and staged) once, then averaged into each EMA while in cache."""
     plans = [k.chunks() for k in kernels]
+    if len(plans[0]) == 1 and type(kernels[0]) is Lerp:  # a second read of one chunk comes from cache anyway
+        for k, m in zip(kernels, momenta, strict=True):
+            k.apply(m)
+        return
     for i, c in enumerate(plans[0]):
         source = kernels[0].staged(c)
         for plan, m in zip(plans, momenta, strict=True):

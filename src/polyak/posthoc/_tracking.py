@@ -345,6 +345,8 @@ class _Together:
         if any(e.model is not emas[0].model for e in emas):
             raise ValueError("EMAs updated together must track the same model")
         self.emas = emas
+        self._seen: list[list[Kernel]] = []
+        self._alike = False
 
     def _fused(self) -> bool:
         first = self.emas[0]
@@ -352,7 +354,12 @@ class _Together:
             return False
         for e in self.emas:
             e._ensure_current()
+        kernels = [e._kernels for e in self.emas]
+        if len(kernels) != len(self._seen) or any(a is not b for a, b in zip(kernels, self._seen, strict=False)):
+            self._seen, self._alike = kernels, self._all_alike()  # decided once per pairing, not per update
+        return self._alike
 
+    def _all_alike(self) -> bool:
         def shape(k: Kernel) -> tuple[Any, ...]:
             acc, online = k.accumulator, k.online
             return (
@@ -370,13 +377,15 @@ class _Together:
         # one pass over all profiles needs them alike, down to where each accumulates and what it reads
         shapes = [[shape(k) for k in e._kernels] for e in self.emas]
         return all(s == shapes[0] for s in shapes) and all(
-            type(k) in (Lerp, Staged, Gathered) and k.sharded is None for k in first._kernels
+            type(k) in (Lerp, Staged, Gathered) and k.sharded is None for k in self.emas[0]._kernels
         )
 
     def update(self) -> list[float]:
         emas = self.emas
         for e in emas:
             e._refuse_when_swapped("update()")
+        if all(e._simple for e in emas) and len(emas[0]._kernels[0].chunks()) == 1:
+            return [e.update() for e in emas]  # a small model: each its own fastest path, reading from cache
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
