@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import iteration, report, targets
+from benchmarks import iteration, memory, report, targets
 from benchmarks.impls import IMPLS, Step
 from benchmarks.shapes import SHAPES, floating_tensors
-from benchmarks.timing import measure_interleaved
+from benchmarks.timing import evictor, measure_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 MOMENTUM = 0.001
@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each shape, wait up to SECONDS for other processes to leave the CPUs idle (default 0)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--no-memory", action="store_true", help="skip the bytes-per-parameter table")
+    p.add_argument("--no-scaling", action="store_true", help="skip the table of 1M to 1B parameters")
+    p.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="time warm only (no cache eviction before a cold call in each round): faster, flattering numbers",
+    )
     p.add_argument(
         "--json",
         type=Path,
@@ -143,7 +150,11 @@ def wait_quiet(limit_s: float, threshold_cores: float = 0.2, window_s: float = 3
 
 
 def run_shape(
-    skey: str, impl_keys: list[str], timing_kw: dict[str, Any], wait_s: float = 0.0
+    skey: str,
+    impl_keys: list[str],
+    timing_kw: dict[str, Any],
+    wait_s: float = 0.0,
+    evict: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build the shape's model and every available implementation around it, then time them interleaved.
 
@@ -188,14 +199,15 @@ def run_shape(
 
     print(f"{skey}: timing {len(steps)} implementations, interleaved ...", flush=True)
     with OtherLoad() as other:
-        timings, errors = measure_interleaved(steps, **timing_kw)
+        warm, errors, cold = measure_interleaved(steps, **timing_kw, evict=evict)
     info["loadavg_after"] = _loadavg()
     info["other_load_cores"] = other.cores
     for ikey, e in errors.items():
         traceback.print_exception(e)
         rows[ikey].update(status="error", reason=f"{type(e).__name__}: {e}")
-    for ikey, t in timings.items():
-        rows[ikey].update(status="ok", timing=t.as_dict())
+    for ikey, t in warm.items():
+        # the headline is cold where measured (see benchmarks.timing); warm beside it
+        rows[ikey].update(status="ok", timing=(cold.get(ikey) or t).as_dict(), warm=t.as_dict(), cold=bool(cold))
     for ikey, row in rows.items():
         shown = report.fmt_time(row["timing"]["median_s"]) if row["status"] == "ok" else row["status"]
         print(f"  {IMPLS[ikey].label:<46} {shown}", flush=True)
@@ -239,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    evict = None if args.warm_only else evictor()
+    config["cold"] = evict is not None
     started = time.perf_counter()
     shapes_info: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     for skey in shape_keys:
-        shape_info, shape_results = run_shape(skey, impl_keys, timing_kw, args.wait_quiet)
+        shape_info, shape_results = run_shape(skey, impl_keys, timing_kw, args.wait_quiet, evict)
         shapes_info.append(shape_info)
         results.extend(shape_results)
 
@@ -260,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 it = {"error": f"{type(e).__name__}: {e}"}
         it.update(loadavg_before=before, loadavg_after=_loadavg(), other_load_cores=other.cores)
+    mem = None if args.no_memory else memory.measure_memory()
+    scaling = None if args.no_scaling else memory.measure_scaling()
     config["elapsed_s"] = round(time.perf_counter() - started, 1)
     config["loadavg_end"] = _loadavg()
 
@@ -272,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "best_alternative": best,
         "targets": targets.evaluate(results, shapes_info),
         "iteration": it,
+        "memory": mem,
+        "scaling": scaling,
     }
     print()
     print(report.console_table(results, best))
@@ -281,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     if it:
         print("\nDemo model, one ignite training iteration:")
         print("\n".join(report.iteration_lines(it, markdown=False)))
+    if mem:
+        print("\nBytes per parameter held beyond the model (peak):")
+        print("\n".join(report.memory_lines(mem, markdown=False)))
+    if scaling:
+        print("\nScaling of polyak's default update:")
+        print("\n".join(report.scaling_lines(scaling, markdown=False)))
     print(f"\nTotal {config['elapsed_s']:.0f} s. {report.load_summary(run)}")
     if not args.no_write:
         report.write_json(args.json, run)

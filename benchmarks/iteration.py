@@ -87,7 +87,7 @@ def measure(timing_kw: dict[str, Any], iterations: int = ITERATIONS) -> dict[str
             call = handler._update_ema_model
             steps[f"update-{which}"] = functools.partial(call, engine, "ema_momentum")
 
-    timings, errors = measure_interleaved(steps, **timing_kw)
+    timings, errors, _ = measure_interleaved(steps, **timing_kw)
     if errors:
         raise next(iter(errors.values()))
 

@@ -3,6 +3,12 @@
 The callables of one shape are timed in *rounds*: each round takes one sample of every callable, in a
 shuffled order. On a machine shared with other work, a burst of load then hits every row alike instead
 of whichever row happened to be running, and the medians stay comparable.
+
+**Cold and warm.** An EMA update runs after an optimizer step, which has just streamed the gradients, the
+optimizer state and the weights through the caches: the update finds little of its own data there. With
+``evict``, each sample is taken twice: once *cold*, one call right after ``evict()`` has written a buffer
+larger than the last-level cache, and once *warm*, right after. Cold is the honest figure; warm shows what
+a loop that repeats the update back to back (most benchmarks) would report.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ def measure_interleaved(
     max_samples: int = 5000,
     min_sample_s: float = 5e-5,
     seed: int = 0,
-) -> tuple[dict[str, Timing], dict[str, BaseException]]:
+    evict: Callable[[], object] | None = None,
+) -> tuple[dict[str, Timing], dict[str, BaseException], dict[str, Timing]]:
     """Time every callable of ``steps`` with :func:`time.perf_counter`; returns (timings, errors) by key.
 
     Warm-up, for each callable: at least ``min_warmup_calls`` calls and ``warmup_s`` seconds. It also sets
@@ -72,11 +79,15 @@ def measure_interleaved(
     callable, in a shuffled order, until ``budget_s * len(steps)`` seconds have passed and there are at
     least ``min_samples`` rounds, or ``max_samples`` rounds. The garbage collector is off while timing, as
     in :mod:`timeit`. A callable that raises is dropped and its exception returned.
+
+    Returns (warm timings, errors, cold timings): cold ones (one call after ``evict()``, per round) only
+    with ``evict``; the cold call is taken first in each round, the warm sample right after it.
     """
     errors: dict[str, BaseException] = {}
     loops: dict[str, int] = {}
     warmup_calls: dict[str, int] = {}
     samples: dict[str, list[float]] = {}
+    cold: dict[str, list[float]] = {}
     rng = random.Random(seed)
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -96,6 +107,7 @@ def measure_interleaved(
             loops[key] = max(1, math.ceil(min_sample_s / max(per_call, 1e-9)))
             warmup_calls[key] = calls
             samples[key] = []
+            cold[key] = []
 
         order = list(samples)
         total_budget = budget_s * len(order)
@@ -107,6 +119,11 @@ def measure_interleaved(
             for key in list(order):
                 fn, n = steps[key], loops[key]
                 try:
+                    if evict is not None:
+                        evict()
+                        t = time.perf_counter()
+                        fn()
+                        cold[key].append(time.perf_counter() - t)
                     t = time.perf_counter()
                     for _ in range(n):
                         fn()
@@ -122,4 +139,36 @@ def measure_interleaved(
         if gc_was_enabled:
             gc.enable()
     timings = {k: _summary(s, loops[k], warmup_calls[k]) for k, s in samples.items() if s and k not in errors}
-    return timings, errors
+    colds = {k: _summary(s, 1, warmup_calls[k]) for k, s in cold.items() if s and k not in errors}
+    return timings, errors, colds
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (sysfs), or 32 MiB where it reports none."""
+    from pathlib import Path
+
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def evictor() -> Callable[[], object]:
+    """Writes a buffer of 4x the last-level cache (at least 128 MiB): what a training step leaves behind."""
+    import torch
+
+    buffer = torch.empty(max(4 * last_level_cache_bytes(), 128 << 20), dtype=torch.uint8)
+    state = {"value": 0}
+
+    def evict() -> None:
+        state["value"] ^= 1
+        buffer.fill_(state["value"])
+
+    return evict
