@@ -170,8 +170,10 @@ def allocations(fn) -> list[tuple[str, int]]:
         {"handle_buffers": "update"},
         {"dtype": torch.bfloat16, "stochastic_rounding": True},
         {"schedule": lambda k: 1 / k},
+        {"master": "split"},
+        {"master": "split", "flat": True},
     ],
-    ids=["default", "flat", "update", "stochastic", "schedule"],
+    ids=["default", "flat", "update", "stochastic", "schedule", "split", "split-flat"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_allocation_per_update(kwargs, dtype):

@@ -20,7 +20,7 @@ import abc
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -402,6 +402,23 @@ _NAN = float("nan")
 _INF = float("inf")
 
 
+class _Bits:
+    """The constants of splitting, as tensors on one device: a Python scalar would be wrapped into a new
+    tensor at every call."""
+
+    _cache: ClassVar[dict[torch.device, _Bits]] = {}
+
+    def __init__(self, device: torch.device) -> None:
+        self.half = torch.tensor(0x8000, dtype=torch.int32, device=device)
+        self.sixteen = torch.tensor(16, dtype=torch.int32, device=device)
+
+    @classmethod
+    def on(cls, device: torch.device) -> _Bits:
+        if device not in cls._cache:
+            cls._cache[device] = cls(device)
+        return cls._cache[device]
+
+
 def split_float32(x: Tensor, words: Tensor, hi: Tensor, lo: Tensor) -> None:
     """Write float32 ``x`` (flat; NaNs made canonical in place) as a bfloat16 high half ``hi`` (``x`` rounded
     to nearest, ties away from zero) and an int16 low half ``lo``, both flat; ``words`` is int32 scratch.
@@ -411,24 +428,36 @@ def split_float32(x: Tensor, words: Tensor, hi: Tensor, lo: Tensor) -> None:
     +32768.) A NaN whose bits lie within 0x8000 of the top of its sign's range would carry into the sign bit
     or out of it, so NaNs are first made the canonical one.
     """
-    x.nan_to_num_(nan=_NAN, posinf=_INF, neginf=-_INF)
-    bits = x.view(torch.int32)
-    torch.add(bits, 0x8000, out=words)
-    words.bitwise_right_shift_(16)  # arithmetic: the sign stays
+    _high_words(x, words)
     hi.view(torch.int16).copy_(words)
-    words.bitwise_left_shift_(16)
-    torch.sub(bits, words, out=words)
+    _low_words(x, words)
     lo.copy_(words)
 
 
-def join_float32(hi: Tensor, lo: Tensor, out: Tensor) -> Tensor:
+def _high_words(x: Tensor, words: Tensor) -> None:
+    """``words`` <- the high halves of ``x`` rounded (NaNs in ``x`` made canonical first)."""
+    bits = _Bits.on(x.device)
+    x.nan_to_num_(nan=_NAN, posinf=_INF, neginf=-_INF)
+    torch.add(x.view(torch.int32), bits.half, out=words)
+    words.bitwise_right_shift_(bits.sixteen)  # arithmetic: the sign stays
+
+
+def _low_words(x: Tensor, words: Tensor) -> None:
+    """``words`` (holding the high halves) <- the low halves of ``x``."""
+    words.bitwise_left_shift_(_Bits.on(x.device).sixteen)
+    torch.sub(x.view(torch.int32), words, out=words)
+
+
+def join_float32(hi: Tensor, lo: Tensor, out: Tensor, low: Tensor | None = None) -> Tensor:
     """The float32 values whose high half is bfloat16 ``hi`` and low half int16 ``lo`` (flat), into ``out``
-    (float32, flat)."""
+    (float32, flat); ``low``: int32 scratch like ``out``, or none (then a temporary is made)."""
     words = out.view(torch.int32)
     words.copy_(hi.view(torch.int16))
-    words.bitwise_left_shift_(16)
-    words.add_(lo)
-    return out
+    words.bitwise_left_shift_(_Bits.on(out.device).sixteen)
+    if low is None:
+        low = torch.empty_like(words)
+    low.copy_(lo)  # int16 to int32 by a copy: an add of mixed dtypes would make a temporary
+    return out.view(torch.int32).add_(low).view(torch.float32)
 
 
 class Split(Staged):
@@ -461,41 +490,31 @@ class Split(Staged):
             c.words = split_views(work.view(torch.int32), c.acc.views)
         return c.words
 
-    def _join(self, c: Chunk) -> Tensor:
-        """The chunk's float32 master, in the second scratch buffer (flat)."""
-        work = self.scratch_of(c)[1].flat
-        assert work is not None and c.low is not None and c.low.flat is not None
-        words = work.view(torch.int32)
-        if c.acc.flat is not None:
-            words.copy_(c.acc.flat.view(torch.int16))
-        else:
-            torch._foreach_copy_(self._words(c), [t.view(torch.int16) for t in c.acc.views])
-        words.bitwise_left_shift_(16)
-        words.add_(c.low.flat)
-        return work
-
-    def _split(self, c: Chunk, x: Tensor, words: Tensor) -> None:
-        assert c.low is not None and c.low.flat is not None
-        if c.acc.flat is not None:
-            split_float32(x, words, c.acc.flat, c.low.flat)
-            return
-        x.nan_to_num_(nan=_NAN, posinf=_INF, neginf=-_INF)
-        bits = x.view(torch.int32)
-        torch.add(bits, 0x8000, out=words)
-        words.bitwise_right_shift_(16)
-        high = split_views(words, c.acc.views)
-        torch._foreach_copy_([t.view(torch.int16) for t in c.acc.views], high)
-        words.bitwise_left_shift_(16)
-        torch.sub(bits, words, out=words)
-        c.low.flat.copy_(words)
-
     def apply(self, m: float) -> None:
         for c in self.chunks():
+            first, second = self.scratch_of(c)
+            assert first.flat is not None and second.flat is not None and c.low is not None
+            assert c.low.flat is not None
+            x, words = second.flat, first.flat.view(torch.int32)
+            # join, with the first buffer as the low halves' room: then stage the online values into it
+            if c.acc.flat is not None:
+                join_float32(c.acc.flat, c.low.flat, x, low=words)
+            else:
+                torch._foreach_copy_(self._words(c), [t.view(torch.int16) for t in c.acc.views])
+                x.view(torch.int32).bitwise_left_shift_(_Bits.on(x.device).sixteen)
+                words.copy_(c.low.flat)
+                x.view(torch.int32).add_(words)
             staging = self.staged(c)
             assert staging.flat is not None
-            x = self._join(c)
             x.lerp_(staging.flat, m)
-            self._split(c, x, staging.flat.view(torch.int32))  # the staged values are used: their room is free
+            _high_words(x, words)  # the staged values are used: their room is free
+            if c.acc.flat is not None:
+                c.acc.flat.view(torch.int16).copy_(words)
+            else:
+                high = split_views(words, c.acc.views)
+                torch._foreach_copy_([t.view(torch.int16) for t in c.acc.views], high)
+            _low_words(x, words)
+            c.low.flat.copy_(words)
 
     # the master is the join of the halves
     @property
