@@ -4,7 +4,9 @@
 allocator): it builds a model of Linear layers (bias included) in the given dtype, notes its resident memory
 (``/proc/self/statm``) and resets the kernel's peak (``/proc/self/clear_refs``), then builds the EMA and
 updates it twice. *Held* is the growth of resident memory, *peak* the growth of the peak (``VmHWM``):
-construction and updates together, in bytes per parameter of the model. Resident memory counts what
+construction and updates together, in bytes per parameter of the model. The same EMA on a tiny model
+runs first, so that what a process pays once (thread pools, kernels loaded on first use: a few MiB) is
+not counted. Resident memory counts what
 was written: an allocation never touched (a staging buffer never used) is not counted, and one freed
 but kept by the allocator is.
 
@@ -101,6 +103,10 @@ def _one(impl: str, dtype: torch.dtype, params: int, timed: int) -> dict[str, An
     if not entry.applies_to(model):
         return {"status": "n/a"}
     evict = evictor() if timed else None
+    warm = entry.setup(model_of(50_000, dtype), 1e-3)  # the process's one-time costs (threads, kernels) first
+    warm()
+    warm()
+    del warm
     gc.collect()
     base = _statm_bytes()
     _reset_peak()

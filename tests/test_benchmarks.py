@@ -24,10 +24,11 @@ def test_a_quick_run_writes_cold_and_warm_timings(tmp_path: Path) -> None:
     assert "warm median" in text and "Cold, as the headline" in text
 
 
-@pytest.mark.parametrize("impl, low, high", [("polyak-ema", 5.9, 7.2), ("polyak-split", 3.9, 5.9)])
+@pytest.mark.parametrize("impl, low, high", [("polyak-ema", 6.3, 6.9), ("polyak-split", 4.9, 5.5)])
 def test_the_memory_table_measures_what_a_bf16_ema_holds(impl: str, low: float, high: float) -> None:
-    """bf16, 8M parameters: master 4 + EMA 2 + 4 MiB of scratch (0.5 per parameter here); split: 2 + 2 + 8 MiB
-    (1.05 here); and a few MiB the process takes besides (measured 0.3-0.6 per parameter here)."""
+    """bf16, 8M parameters: master 4 + EMA 2 + 4 MiB of scratch (0.52 per parameter here); split: 2 + 2 +
+    8 MiB (1.05 here). What the process pays once (threads, kernels: a few MiB, 0.4-1.4 per parameter here
+    and more in CI) is paid on a tiny model before the measurement starts."""
     row = memory._run_child(impl, "bfloat16", 8_000_000, timeout=300)
     assert row["status"] == "ok", row
     assert low <= row["held_bytes_per_param"] <= high, row
