@@ -27,7 +27,7 @@ from polyak._tracking import (
     unwrap_model,
     versions,
 )
-from polyak.schedules import Schedule, _check_int, _check_momentum, constant
+from polyak.schedules import Schedule, _check_int, _check_momentum, constant, delayed
 
 __all__ = ["EMA"]
 
@@ -66,6 +66,11 @@ class EMA:
             giving a ``schedule``.
         schedule: a callable ``k -> momentum`` of the 1-based update index (see :mod:`polyak.schedules`);
             overrides ``momentum``.
+        copy_first: how many updates copy the online model before the averaging starts (a delayed start):
+            updates ``1..copy_first`` copy, and update ``copy_first + k`` uses the momentum of update ``k``
+            (``momentum``, or ``schedule(k)``). ``copy_first=1`` is "the first update copies", as in
+            ``AveragedModel``, timm's EMA without warm-up and Lightning's ``EMAWeightAveraging``; the
+            ``update_after_step=n`` of ema-pytorch and diffusers copies ``n + 1`` updates.
         handle_buffers: what happens to buffers (BatchNorm statistics and the like) at each update:
             ``"copy"`` copies the online model's values into the EMA model's own tensors; ``"update"``
             averages floating buffers like parameters and copies integer ones; ``"ema_train"`` leaves the
@@ -122,7 +127,8 @@ class EMA:
         ema_model: the averaged model, on the online model's device (or ``device``).
         model: the online model (``model.module`` for ``DistributedDataParallel``).
         momentum: the momentum given (the schedule decides the momentum of each update).
-        schedule: the schedule in use.
+        schedule: the schedule in use (the delayed one, with ``copy_first``).
+        copy_first: as given.
         handle_buffers: as given.
         num_updates: how many updates have been made; saved in :meth:`state_dict`.
         num_skipped: how many updates ``skip_nonfinite`` skipped; saved in :meth:`state_dict`.
@@ -151,6 +157,7 @@ class EMA:
         momentum: float = _DEFAULT_MOMENTUM,
         *,
         schedule: Schedule | None = None,
+        copy_first: int = 0,
         handle_buffers: str = "copy",
         dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
@@ -194,6 +201,7 @@ class EMA:
                 f"master='split' keeps a float32 average of bfloat16 tensors: it needs dtype=None, got dtype={dtype!r}"
             )
         seed = _check_int("seed", seed, 0)
+        copy_first = _check_int("copy_first", copy_first, 0)
         if device is not None:
             device = _check_device(device)
         if ema_model is not None:
@@ -218,7 +226,10 @@ class EMA:
             model = model.module
         self.model = model
         self.momentum = momentum
+        self.copy_first = copy_first
         self.schedule: Schedule = schedule if schedule is not None else constant(momentum)
+        if copy_first:
+            self.schedule = delayed(self.schedule, copy_first)
         self._handle_buffers = handle_buffers
         self.dtype = dtype
         self.stochastic_rounding = stochastic_rounding
@@ -945,6 +956,10 @@ class EMA:
         self.num_updates = counts["num_updates"]
         self.num_skipped = counts.get("num_skipped", 0)
         self._record_versions()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the EMA model: ``ema(x)`` is ``ema.ema_model(x)``, as with ema-pytorch's ``EMA``."""
+        return self.ema_model(*args, **kwargs)
 
     def __repr__(self) -> str:
         sizes = ", ".join(

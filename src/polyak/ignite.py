@@ -19,7 +19,15 @@ from torch import nn  # noqa: E402
 
 from polyak._tracking import unwrap_model  # noqa: E402
 from polyak.ema import EMA, HANDLE_BUFFERS  # noqa: E402
-from polyak.schedules import Schedule, _check_int, _check_momentum, _warmup, constant, linear_warmup  # noqa: E402
+from polyak.schedules import (  # noqa: E402
+    Schedule,
+    _check_int,
+    _check_momentum,
+    _warmup,
+    constant,
+    delayed,
+    linear_warmup,
+)
 
 __all__ = ["EMAHandler", "EMAWarmUp", "MomentumScheduler"]
 
@@ -188,6 +196,9 @@ class EMAHandler:
             model in train mode and leaves its buffers alone.
         schedule: keyword-only; any callable ``k -> momentum`` of the 1-based update index (see
             :mod:`polyak.schedules`), instead of ``momentum``/``momentum_warmup``/``warmup_iters``.
+        copy_first: keyword-only; how many updates copy the online model before the averaging (and the
+            warm-up) starts: a delayed start (see :class:`~polyak.EMA`). Not in ignite; with it, the
+            ``momentum_scheduler`` writes momentum 1 for those updates.
         dtype, stochastic_rounding, seed, skip_nonfinite, device, flat, compile: keyword-only; passed to
             :class:`~polyak.EMA` (float32 masters for low-precision models by default, and so on).
         ema_model: keyword-only; the module to hold the average where the model cannot be deep-copied
@@ -248,6 +259,7 @@ class EMAHandler:
         handle_buffers: str = "copy",
         *,
         schedule: Schedule | None = None,
+        copy_first: int = 0,
         dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
@@ -289,6 +301,10 @@ class EMAHandler:
             lambda_obj = EMAWarmUp(momentum_warmup, warmup_iters, momentum)  # type: ignore[arg-type]
             momentum_warmup, warmup_iters = lambda_obj.momentum_warmup, lambda_obj.warmup_iters
             schedule = linear_warmup(momentum_warmup, momentum, warmup_iters)
+        copy_first = _check_int("copy_first", copy_first, 0)
+        if copy_first:
+            schedule = delayed(schedule if schedule is not None else constant(momentum), copy_first)
+            lambda_obj = schedule
 
         self.ema = EMA(
             model,
@@ -309,6 +325,7 @@ class EMAHandler:
             trainable_only=trainable_only,
         )
         self.momentum = momentum
+        self.copy_first = copy_first
         self.momentum_warmup = momentum_warmup
         self.warmup_iters = warmup_iters
         # ignite's protocol: the callable event_index -> momentum of the warm-up (or schedule), None without one

@@ -114,10 +114,12 @@ class EMACallback(_StepCounter, _Swapping, Callback):
 
     Args:
         momentum: weight of the online model in each update (polyak's convention), in (0, 1); or give
-            ``decay = 1 - momentum`` (Lightning's); neither: ``decay=0.999``. The first update copies the
-            online weights, as in Lightning's, unless a ``schedule`` is given.
+            ``decay = 1 - momentum`` (Lightning's); neither: ``decay=0.999``.
         decay: Lightning's and timm's convention: ``momentum = 1 - decay``.
         schedule: a callable ``k -> momentum`` (see :mod:`polyak.schedules`), instead of the two above.
+        copy_first: how many updates copy the online weights before the averaging starts (see
+            :class:`polyak.EMA`); by default 1 (the first update copies, as in Lightning's), or 0 with a
+            ``schedule``.
         update_every_n_steps: update after every ``n``-th optimizer step.
         update_starting_at_step: no update before this optimizer step (0-based, as Lightning counts).
         update_starting_at_epoch: also update at the end of each epoch from this one on (Lightning's).
@@ -156,6 +158,7 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         *,
         decay: float | None = None,
         schedule: Schedule | None = None,
+        copy_first: int | None = None,
         update_every_n_steps: int = 1,
         update_starting_at_step: int | None = None,
         update_starting_at_epoch: int | None = None,
@@ -184,9 +187,13 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         if schedule is None:
             if momentum is None:
                 momentum = 1.0 - _check_momentum("decay", 0.999 if decay is None else decay)
-            schedule = delayed(constant(_check_momentum("momentum", momentum)), 1)
+            schedule = constant(_check_momentum("momentum", momentum))
+            copy_first = 1 if copy_first is None else copy_first
         elif not callable(schedule):
             raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
+        self.copy_first = _check_int("copy_first", 0 if copy_first is None else copy_first, 0)
+        if self.copy_first:
+            schedule = delayed(schedule, self.copy_first)
         self.update_every_n_steps = _check_int("update_every_n_steps", update_every_n_steps, 1)
         self.update_starting_at_step = (
             None

@@ -27,7 +27,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from polyak.ema import EMA  # noqa: E402
-from polyak.schedules import Schedule, _check_momentum, constant  # noqa: E402
+from polyak.schedules import Schedule, _check_int, _check_momentum, constant, delayed  # noqa: E402
 
 __all__ = ["EMACallback"]
 
@@ -47,6 +47,8 @@ class EMACallback(TrainerCallback):
             ``decay=0.999``.
         decay: timm's and diffusers' convention: ``momentum = 1 - decay``.
         schedule: a callable ``k -> momentum`` (see :mod:`polyak.schedules`), instead of the two above.
+        copy_first: how many updates copy the online weights before the averaging starts (a delayed start;
+            see :class:`polyak.EMA`).
         evaluate: evaluate with the EMA's weights (the trainer's evaluations during ``train()``); the online
             weights are back, bit for bit, when the evaluation ends (``on_evaluate``) or, if it failed, at the
             next step, save or the end of training.
@@ -71,6 +73,7 @@ class EMACallback(TrainerCallback):
         *,
         decay: float | None = None,
         schedule: Schedule | None = None,
+        copy_first: int = 0,
         evaluate: bool = True,
         final_dir: str | None = "ema",
         dtype: torch.dtype | None = None,
@@ -92,6 +95,9 @@ class EMACallback(TrainerCallback):
             schedule = constant(_check_momentum("momentum", momentum))
         elif not callable(schedule):
             raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
+        self.copy_first = _check_int("copy_first", copy_first, 0)
+        if self.copy_first:
+            schedule = delayed(schedule, self.copy_first)
         if final_dir is not None and not isinstance(final_dir, (str, os.PathLike)):
             raise TypeError(f"final_dir must be a folder name or None, got {final_dir!r}")
         self.schedule = schedule
