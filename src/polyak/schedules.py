@@ -31,6 +31,7 @@ __all__ = [
     "inverse_gamma",
     "linear_warmup",
     "power_function",
+    "ratio_warmup",
     "sigma_rel_from_gamma",
 ]
 
@@ -227,6 +228,44 @@ def inverse_gamma(
     if min_decay > max_decay:
         raise ValueError(f"min_decay must be <= max_decay={max_decay!r}, got {min_decay!r}")
     return _InverseGamma(gamma, power, max_decay, min_decay)
+
+
+@dataclass(frozen=True)
+class _RatioWarmup(_Saved):
+    max_decay: float
+    min_decay: float
+
+    def __call__(self, k: int) -> float:
+        decay = (1 + _index(k)) / (10 + k)
+        return 1.0 - max(min(decay, self.max_decay), self.min_decay)
+
+
+def ratio_warmup(max_decay: float = 0.9999, min_decay: float = 0.0) -> Schedule:
+    """The warm-up of TensorFlow's ``ExponentialMovingAverage(num_updates=...)``: the decay of update ``k`` is
+    ``(1 + k) / (10 + k)`` until it reaches ``max_decay``::
+
+        m_k = 1 - clamp((1 + k) / (10 + k), min_decay, max_decay)
+
+    torch-ema's ``ExponentialMovingAverage`` uses it by default (``use_num_updates=True``), from its first
+    update on; diffusers' ``EMAModel`` without ``use_ema_warmup`` uses it after its first step, which copies:
+    ``EMA(model, schedule=ratio_warmup(decay), copy_first=1)``. The decay reaches 0.99 at update 890 and
+    0.999 at update 8990.
+
+    Args:
+        max_decay: largest decay, so smallest momentum is ``1 - max_decay``; in [0, 1].
+        min_decay: smallest decay; in [0, max_decay].
+
+    Example:
+        >>> from polyak.schedules import ratio_warmup
+        >>> s = ratio_warmup(max_decay=0.99)
+        >>> round(s(1), 6), round(s(10), 6), round(s(10_000), 6)
+        (0.818182, 0.45, 0.01)
+    """
+    max_decay = _check_momentum("max_decay", max_decay, closed=True)
+    min_decay = _check_momentum("min_decay", min_decay, closed=True)
+    if min_decay > max_decay:
+        raise ValueError(f"min_decay must be <= max_decay={max_decay!r}, got {min_decay!r}")
+    return _RatioWarmup(max_decay, min_decay)
 
 
 @dataclass(frozen=True)
