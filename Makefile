@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# ignite's own tests ship in its source distribution: tests/test_ignite_upstream.py runs them on polyak
 	$(PY) -m pip download --quiet --no-deps --no-binary :all: --dest $(VENV)/sdists \
 		"pytorch-ignite==$$($(PY) -c 'import ignite; print(ignite.__version__)')"
+	# timm needs torchvision (none for this torch): tests/_timm.py loads its EMA classes from the wheel alone
+	$(PY) -m pip download --quiet --no-deps --only-binary :all: --dest $(VENV)/wheels "timm==1.0.31"
 	touch $(STAMP)
 
 demo: install
