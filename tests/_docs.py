@@ -8,6 +8,7 @@ Every block is a complete program: :func:`run_block` runs one as ``__main__`` in
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,29 @@ def run_block(block: Block) -> dict[str, Any]:
     namespace: dict[str, Any] = {"__name__": "__main__"}
     exec(compile(block.code, block.id, "exec"), namespace)
     return namespace
+
+
+TORCHRUN = "torchrun --nproc_per_node=2"
+
+
+def run_program(block: Block, folder: Path) -> None:
+    """Run ``block`` as users would, in ``folder`` (the current folder is changed by the caller): a block that
+    says to run it with ``torchrun --nproc_per_node=2``, or that starts processes of its own, as a script in a
+    fresh interpreter (under torchrun with 2 processes where it says so); any other in this process."""
+    from _dist import free_port
+    from _dist import run_program as run_script
+
+    if TORCHRUN in block.intro or TORCHRUN in block.code or "Parallel(" in block.code:  # ranks: a script of its own
+        script = folder / "block.py"
+        script.write_text(block.code)
+        command = [sys.executable, str(script)]
+        if TORCHRUN in block.intro or TORCHRUN in block.code:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+            command += [f"--master_port={free_port()}", str(script)]
+        run_script(command, cwd=folder)
+        return
+    if "timm" in block.code:  # timm's EMA, from its wheel (timm itself needs torchvision; see _timm.py)
+        import _timm
+
+        _timm.install()
+    run_block(block)

@@ -1,4 +1,4 @@
-"""Demo: train a small CNN on scikit-learn's digits with an ignite trainer and a :class:`polyak.EMAHandler`.
+"""Demo: train a small CNN on scikit-learn's digits with an ignite trainer and a :class:`polyak.ignite.EMAHandler`.
 
 Run it with ``python -m polyak demo`` (``--help`` lists the options). It
 
@@ -6,7 +6,7 @@ Run it with ``python -m polyak demo`` (``--help`` lists the options). It
    download) and splits them, with a seeded generator, into a training set and a held-out set;
 2. trains a small convolutional network with SGD (heavy-ball momentum) at a deliberately high learning
    rate, so that the online weights keep jumping around the minimum, and averages them with an
-   :class:`~polyak.EMAHandler` whose momentum warms up linearly (``momentum_warmup`` -> ``momentum`` over
+   :class:`~polyak.ignite.EMAHandler` whose momentum warms up linearly (``momentum_warmup`` -> ``momentum`` over
    ``warmup_iters``);
 3. also tracks two power-function EMA profiles (EDM2's ``sigma_rel`` 0.05 and 0.10) with a
    :class:`~polyak.posthoc.PostHocEMAHandler`, which writes snapshots of both into ``posthoc/`` every

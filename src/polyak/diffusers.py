@@ -184,6 +184,7 @@ class EMAModel:
     # -- the average --------------------------------------------------------------------------------------------------
     @property
     def shadow_params(self) -> list[Tensor]:
+        """The averaged tensors, in the order of the parameters given (as diffusers'); assigning a list loads it."""
         return self.ema.ema_model.tensors()  # type: ignore[operator]
 
     @shadow_params.setter

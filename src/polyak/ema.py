@@ -57,7 +57,7 @@ class EMA:
     a converted or moved model (``.to()``, ``.half()``, ``.cpu()``, on either model), a load with
     ``assign=True``, or a load into the EMA model (also into one of its submodules) is followed at the next
     update, exactly; where it cannot be (a tensor whose shape changed, names that no longer match) the
-    update raises an error naming the tensor, and changes nothing. The table is in the README.
+    update raises an error naming the tensor, and changes nothing. The table is in the documentation's page on the lifecycle.
 
     Args:
         model: the online model. For ``DataParallel`` the EMA model is a ``DataParallel`` too; for
@@ -124,12 +124,10 @@ class EMA:
     device (``device=``) or was given (``ema_model=``), they are copied at each update instead.
 
     Attributes:
-        ema_model: the averaged model, on the online model's device (or ``device``).
         model: the online model (``model.module`` for ``DistributedDataParallel``).
         momentum: the momentum given (the schedule decides the momentum of each update).
         schedule: the schedule in use (the delayed one, with ``copy_first``).
         copy_first: as given.
-        handle_buffers: as given.
         num_updates: how many updates have been made; saved in :meth:`state_dict`.
         num_skipped: how many updates ``skip_nonfinite`` skipped; saved in :meth:`state_dict`.
 
@@ -279,8 +277,10 @@ class EMA:
 
     @property
     def ema_model(self) -> nn.Module:
-        """The averaged model. Assigning another module (built like the model) makes it the EMA model: the
-        next update averages into it, from its own values."""
+        """The averaged model, on the online model's device (or ``device``).
+
+        Assigning another module (built like the model) makes it the EMA model; the next update averages into
+        it, from its own values."""
         return self._ema_model
 
     @ema_model.setter
@@ -566,7 +566,7 @@ class EMA:
                 then ``1 - (1 - m) ** steps``.
             momentum: the momentum of this update, in [0, 1], instead of the schedule's (a number, a numpy
                 scalar or a one-element tensor); the update still counts in :attr:`num_updates`. This is how
-                :class:`~polyak.EMAHandler` uses whatever ``engine.state`` holds.
+                :class:`~polyak.ignite.EMAHandler` uses whatever ``engine.state`` holds.
 
         Returns:
             The momentum used (0.0 for an update that ``skip_nonfinite`` skipped).

@@ -44,7 +44,7 @@ class EMAWarmUp:
     """ignite's warm-up object, kept by :class:`EMAHandler` as ``_momentum_lambda_obj``: the momentum of the
     1-based ``event_index``, linear from ``momentum_warmup`` to ``momentum`` over ``warmup_iters`` events, with
     ignite's arithmetic to the last bit (:func:`polyak.schedules.linear_warmup`). Its attributes can be set, as
-    ignite's; :meth:`state_dict` holds them as plain values, so a ``LambdaStateScheduler`` holding it saves and
+    ignite's; ``state_dict()`` holds them as plain values, so a ``LambdaStateScheduler`` holding it saves and
     loads (``weights_only=True``) where ignite's cannot.
 
     Example:
@@ -64,6 +64,7 @@ class EMAWarmUp:
         return _warmup(self.momentum_warmup, self.momentum, self.warmup_iters, event_index)
 
     def state_dict(self) -> dict[str, Any]:
+        """The warm-up's three numbers, as plain values."""
         return {"momentum_warmup": self.momentum_warmup, "warmup_iters": self.warmup_iters, "momentum": self.momentum}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -87,9 +88,9 @@ class MomentumScheduler:
     """Writes the momentum of the next EMA update into ``engine.state.<param_name>``, before the update.
 
     The ``momentum_scheduler`` of :class:`EMAHandler`, in the place of ignite's ``LambdaStateScheduler``: like
-    it, it counts its events (:attr:`event_index`) and writes ``lambda_obj(event_index)``; :meth:`EMAHandler.attach`
+    it, it counts its events (``event_index``) and writes ``lambda_obj(event_index)``; :meth:`EMAHandler.attach`
     attaches it on the update's event, ahead of the update, where the handler has a warm-up or a ``schedule``.
-    Unlike ignite's, :meth:`state_dict` holds plain values only (the count and the name), so ignite's
+    Unlike ignite's, ``state_dict()`` holds plain values only (the count and the name), so ignite's
     ``Checkpoint`` saves it and ``torch.load(..., weights_only=True)`` reads it back.
 
     Args:
@@ -127,6 +128,7 @@ class MomentumScheduler:
         return engine.add_event_handler(event, self)
 
     def state_dict(self) -> dict[str, Any]:
+        """The count of events and the name of the attribute written, as plain values."""
         return {"event_index": self.event_index, "param_name": self.param_name}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -215,7 +217,8 @@ class EMAHandler:
             model's device; a ``DataParallel`` if ``model`` is one.
         model: the online model; ``model.module`` if ``model`` is ``DistributedDataParallel``.
         momentum: the update momentum (after the warm-up).
-        momentum_warmup, warmup_iters: as given.
+        momentum_warmup: as given.
+        warmup_iters: as given.
         handle_buffers: as given.
         momentum_scheduler: the :class:`MomentumScheduler` that writes the scheduled momentum to
             ``engine.state``; always present, attached only where there is a warm-up or a schedule.
@@ -341,6 +344,7 @@ class EMAHandler:
     # (subclasses built like ignite's do) is fine; another EMA model is followed (see polyak.EMA.ema_model).
     @property
     def model(self) -> nn.Module:
+        """The online model (``model.module`` for ``DistributedDataParallel``)."""
         return self.ema.model
 
     @model.setter
@@ -353,6 +357,7 @@ class EMAHandler:
 
     @property
     def ema_model(self) -> nn.Module:
+        """The averaged model; assigning another module (built like the model) makes it the EMA model."""
         return self.ema.ema_model
 
     @ema_model.setter
@@ -361,6 +366,7 @@ class EMAHandler:
 
     @property
     def handle_buffers(self) -> str:
+        """What happens to buffers at each update (``"copy"``, ``"update"`` or ``"ema_train"``); assignable."""
         return self.ema.handle_buffers
 
     @handle_buffers.setter
@@ -377,7 +383,7 @@ class EMAHandler:
         """Update the EMA on ``event`` of ``engine``, with the momentum held in ``engine.state.<name>``.
 
         Registers, in this order: a :class:`MomentumScheduler` of ``_momentum_lambda_obj`` as
-        :attr:`momentum_scheduler` (where there is a warm-up or a schedule), then :meth:`_update_ema_model`, both
+        :attr:`momentum_scheduler` (where there is a warm-up or a schedule), then ``_update_ema_model``, both
         on ``event``. ``momentum`` and ``_momentum_lambda_obj`` are read now, as ignite does.
 
         Args:
@@ -392,7 +398,7 @@ class EMAHandler:
                 several combined with ``|``.
 
         Returns:
-            A removable handle: ``handle.remove()`` detaches the update and the scheduler.
+            A removable handle; ``handle.remove()`` detaches the update and the scheduler.
         """
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")

@@ -127,9 +127,10 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         weights_at_end: ``"ema"`` or ``"online"``: what the module holds after ``fit``.
         ema_model: a callable ``pl_module -> module`` that builds the EMA module, for modules that cannot
             be deep-copied (FSDP2 through ``ModelParallelStrategy``: build it sharded like the module).
-        per_step, handle_buffers, dtype, stochastic_rounding, seed, skip_nonfinite, device, flat, compile,
-            include, exclude, predicate, trainable_only: as for :class:`polyak.EMA`; ``handle_buffers``
-            defaults to ``"update"`` here (Lightning's averages buffers too).
+        per_step, handle_buffers, dtype, stochastic_rounding, seed, skip_nonfinite: as for
+            :class:`polyak.EMA`; ``handle_buffers`` defaults to ``"update"`` here (Lightning's averages
+            buffers too).
+        device, flat, compile, include, exclude, predicate, trainable_only: as for :class:`polyak.EMA`.
 
     Example:
         >>> import torch

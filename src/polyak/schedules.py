@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 Schedule = Callable[[int], float]
-"""Type of a schedule: the 1-based update index in, the momentum of that update out."""
+"""Type of a schedule, a callable from the 1-based update index to the momentum of that update."""
 
 
 def _scalar(value: object) -> object:

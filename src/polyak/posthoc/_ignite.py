@@ -85,7 +85,7 @@ class PostHocEMAHandler:
         """Update (and snapshot) on ``event`` of ``engine``, ``Events.ITERATION_COMPLETED`` by default.
 
         Returns:
-            The removable handle of the registered handler: ``handle.remove()`` detaches it.
+            The removable handle of the registered handler; ``handle.remove()`` detaches it.
         """
         from ignite.engine import Engine, Events
 
