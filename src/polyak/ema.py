@@ -57,7 +57,8 @@ class EMA:
     a converted or moved model (``.to()``, ``.half()``, ``.cpu()``, on either model), a load with
     ``assign=True``, or a load into the EMA model (also into one of its submodules) is followed at the next
     update, exactly; where it cannot be (a tensor whose shape changed, names that no longer match) the
-    update raises an error naming the tensor, and changes nothing. The table is in the documentation's page on the lifecycle.
+    update raises an error naming the tensor, and changes nothing (the documentation's lifecycle page has the
+    table).
 
     Args:
         model: the online model. For ``DataParallel`` the EMA model is a ``DataParallel`` too; for
