@@ -12,6 +12,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from _docs import DOCS, named, run_block
 from polyak import EMA
+from polyak.convert import load_state_dict
 from polyak.schedules import power_function
 
 PAGE = DOCS / "switching" / "averaged-model.md"
@@ -56,8 +57,23 @@ def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pyt
 
 def test_checkpoint_block_loads_an_averaged_model_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ns = run("checkpoint", tmp_path, monkeypatch)
-    for k, v in ns["averaged"].state_dict().items():
-        assert torch.equal(v, ns["swa_model"].module.state_dict()[k]), k
+    assert ns["source"] == "averaged_model" and ns["ema"].num_updates == 3
+    for k, v in ns["swa_model"].module.state_dict().items():
+        assert torch.equal(ns["averaged"].state_dict()[k], v), k
+
+
+def test_a_converted_run_continues_as_averaged_model_would() -> None:
+    """100 steps with AveragedModel, its state loaded by polyak.convert, 100 more steps with each: the same floats."""
+    model, x, y = model_and_data()
+    swa = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
+    train(model, x, y, 100, lambda: swa.update_parameters(model))
+    ema = EMA(model, momentum=0.01, copy_first=1, handle_buffers="update")
+    assert load_state_dict(ema, swa.state_dict()) == "averaged_model"
+    assert ema.num_updates == 100
+    train(model, x, y, 100, lambda: (swa.update_parameters(model), ema.update()))
+    for k, v in ema.ema_model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(v, swa.module.state_dict()[k]), k
 
 
 def test_with_decay_0999_the_counter_stays_at_1() -> None:

@@ -12,6 +12,7 @@ from torch_ema import ExponentialMovingAverage
 
 from _docs import DOCS, named, run_block
 from polyak import EMA
+from polyak.convert import load_state_dict
 from polyak.schedules import ratio_warmup
 
 PAGE = DOCS / "switching" / "torch-ema.md"
@@ -61,8 +62,22 @@ def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pyt
 
 def test_checkpoint_block_loads_a_torch_ema_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ns = run("checkpoint", tmp_path, monkeypatch)
+    assert ns["source"] == "torch_ema" and ns["ema"].num_updates == 3
     for p, s in zip(ns["averaged"].parameters(), ns["old"].shadow_params, strict=True):
         assert torch.equal(p, s)
+
+
+def test_a_converted_run_continues_as_torch_ema_would() -> None:
+    """50 steps with torch-ema, its state loaded by polyak.convert, 50 more with each: the warm-up continues."""
+    model, x, y = model_and_data()
+    theirs = ExponentialMovingAverage(model.parameters(), decay=0.99)
+    train(model, x, y, 50, theirs.update)
+    ours = EMA(model, schedule=ratio_warmup(max_decay=0.99))
+    assert load_state_dict(ours, theirs.state_dict()) == "torch_ema"
+    train(model, x, y, 50, lambda: (theirs.update(), ours.update()))
+    assert ours.num_updates == theirs.num_updates == 100
+    for p, s in zip(ours.ema_model.parameters(), theirs.shadow_params, strict=True):
+        torch.testing.assert_close(p, s, rtol=1e-5, atol=1e-6)
 
 
 def test_ratio_warmup_is_torch_emas_decay_to_the_bit() -> None:
