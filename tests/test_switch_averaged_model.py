@@ -80,8 +80,8 @@ def test_with_decay_0999_the_counter_stays_at_1() -> None:
     model, x, y = model_and_data()
     swa = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
     ema = EMA(model, momentum=0.001, copy_first=1, handle_buffers="update")
-    train(model, x, y, 300, lambda: (swa.update_parameters(model), ema.update()))
-    assert model[1].num_batches_tracked.item() == ema.ema_model[1].num_batches_tracked.item() == 300
+    train(model, x, y, 120, lambda: (swa.update_parameters(model), ema.update()))
+    assert model[1].num_batches_tracked.item() == ema.ema_model[1].num_batches_tracked.item() == 120
     assert swa.module[1].num_batches_tracked.item() == 1
 
 
