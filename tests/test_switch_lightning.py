@@ -90,3 +90,19 @@ def test_a_validation_before_the_first_update() -> None:
     assert losses["lightning"] == pytest.approx(losses["untrained"], rel=1e-6)
     assert losses["polyak"] == pytest.approx(losses["no EMA"], rel=1e-6)
     assert losses["polyak"] < 0.2 * losses["lightning"]
+
+
+def test_a_run_resumed_from_lightnings_checkpoint_continues_as_lightnings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint block: 16 steps with EMAWeightAveraging, 16 more with EMACallback; against 32 steps with
+    EMAWeightAveraging alone."""
+    ns = run("checkpoint", tmp_path, monkeypatch)
+    assert ns["callback"].ema.num_updates == 32
+    torch.manual_seed(0)
+    model = ns["Net"]()
+    ns["trainer"](32, [EMAWeightAveraging(decay=0.99)]).fit(model, ns["data"])  # ends holding its average
+    theirs = model.state_dict()
+    for k, v in ns["averaged"].state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=k)
