@@ -111,3 +111,17 @@ def test_in_bf16_ignite_freezes_and_polyak_tracks_float64() -> None:
     # float32 master 6.5e-6 (float32 rounding)
     assert error_ours < 1e-5 * moved
     assert error_theirs > 0.4 * moved
+
+
+def test_a_run_resumed_from_ignites_checkpoint_continues_as_ignites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint block: 40 iterations with ignite's handler, 40 more with polyak's; against 80 with ignite's."""
+    ns = run("checkpoint", tmp_path, monkeypatch)
+    assert ns["trainer"].state.iteration == 80 and ns["ema_handler"].ema.num_updates == 40
+    trainer, handler, _ = ns["setup"](IgniteEMAHandler)
+    trainer.run(ns["data"], max_epochs=10)
+    theirs = handler.ema_model.state_dict()
+    for k, v in ns["averaged"].state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=k)
