@@ -94,6 +94,8 @@ def convert_state_dict(
             EMA model's is a ``"model"`` state dict, others are told by :func:`detect_source`.
         num_updates: the update count to continue from; by default the one the state saves. Sources that save
             none (``"model"``, ``"timm"``: timm's count is the ``step`` your loop passes to ``update``) need it.
+            ema-pytorch's ``step`` counts its ``update()`` calls: with ``update_every=E``, the polyak EMA that
+            updates every ``E`` steps has made ``ceil(step / E)`` updates; pass that.
         names: for ``"torch_ema"``: the names of the parameters its ``shadow_params`` follow, in their order;
             by default all parameters of the EMA model (``ExponentialMovingAverage(model.parameters())``).
             Buffers, which torch-ema does not keep, keep the EMA's current values.
@@ -170,7 +172,7 @@ def _convert(
         raise ValueError(f"names is for torch-ema states (with shadow_params), but this state is {source!r}")
 
     if source == "polyak":
-        values = state_dict["ema_model"]
+        values = state_dict.get("ema_model")
         _check_fit(source, values, own, lambda name: name)
     elif source == "torch_ema":
         values = _torch_ema_values(state_dict, ema, own, names)
@@ -226,7 +228,7 @@ def _torch_ema_values(
     state_dict: Mapping[str, Any], ema: EMA, own: Mapping[str, Any], names: Sequence[str] | None
 ) -> dict[str, Any]:
     """torch-ema's positional ``shadow_params``, by name."""
-    shadow = state_dict["shadow_params"]
+    shadow = state_dict.get("shadow_params")
     if not isinstance(shadow, (list, tuple)):
         raise ValueError(f"the torch_ema state's 'shadow_params' must be a list, got {type(shadow).__name__}")
     if names is None:
