@@ -325,3 +325,30 @@ def test_convert_torch_ema_without_a_count_needs_one():
         polyak.convert.load_state_dict(ours, state)
     assert polyak.convert.load_state_dict(ours, _no_count(state), num_updates=7) == "torch_ema"
     assert ours.num_updates == 7
+
+
+def test_names_no_ema_is_exclude():
+    model = _model()
+    theirs = ema_pytorch.EMA(
+        model, beta=0.9, update_after_step=0, update_every=1, param_or_buffer_names_no_ema={"3.bias"}
+    )
+    ours = EMA(model, schedule=schedules.inverse_gamma(max_decay=0.9), exclude="3.bias", handle_buffers="update")
+    _train(model, 20, lambda step: (theirs.update(), ours.update()))
+    _assert_close(theirs.ema_model.state_dict(), ours.ema_model.state_dict(), skip=(COUNT,))
+
+
+def test_detect_source_and_polyak_states_pass_through():
+    model = _model()
+    ours = EMA(model, momentum=0.1)
+    ours.update()
+    assert polyak.convert.detect_source(ours.state_dict()) == "polyak"
+    assert polyak.convert.detect_source(ema_pytorch.EMA(model).state_dict()) == "ema_pytorch"
+    assert polyak.convert.detect_source(torch_ema.ExponentialMovingAverage(model.parameters(), 0.9).state_dict()) == (
+        "torch_ema"
+    )
+    assert polyak.convert.detect_source(model.state_dict()) == "model"
+    other = EMA(model, momentum=0.1)
+    assert polyak.convert.load_state_dict(other, ours.state_dict()) == "polyak"
+    assert other.num_updates == 1
+    assert polyak.convert.load_state_dict(other, model.state_dict(), num_updates=5) == "model"
+    assert other.num_updates == 5
