@@ -71,7 +71,9 @@ class EMA:
             updates ``1..copy_first`` copy, and update ``copy_first + k`` uses the momentum of update ``k``
             (``momentum``, or ``schedule(k)``). ``copy_first=1`` is "the first update copies", as in
             ``AveragedModel``, timm's EMA without warm-up and Lightning's ``EMAWeightAveraging``; the
-            ``update_after_step=n`` of ema-pytorch and diffusers copies ``n + 1`` updates.
+            ``update_after_step=n`` of timm, ema-pytorch and diffusers copies ``n + 1`` updates: ``copy_first=n + 1``
+            with a constant momentum, ``copy_first=n`` with :func:`~polyak.schedules.inverse_gamma` (whose own first
+            update copies).
         handle_buffers: what happens to buffers (BatchNorm statistics and the like) at each update:
             ``"copy"`` copies the online model's values into the EMA model's own tensors; ``"update"``
             averages floating buffers like parameters and copies integer ones; ``"ema_train"`` leaves the
