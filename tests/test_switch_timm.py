@@ -113,10 +113,10 @@ def test_table_rows_match_timm_bit_for_bit(case):
     timm_kwargs, with_step, polyak_kwargs = CASES[case]
     model = _model()
     timm_ema = ModelEmaV3(model, **timm_kwargs)
-    _train(model, 60, lambda step: timm_ema.update(model, step=step) if with_step else timm_ema.update(model))
+    _train(model, 40, lambda step: timm_ema.update(model, step=step) if with_step else timm_ema.update(model))
     model = _model()
     ema = EMA(model, **polyak_kwargs)
-    _train(model, 60, lambda step: ema.update())
+    _train(model, 40, lambda step: ema.update())
     _assert_equal(timm_ema.module.state_dict(), ema.ema_model.state_dict())
 
 
