@@ -103,10 +103,11 @@ def _one(impl: str, dtype: torch.dtype, params: int, timed: int) -> dict[str, An
     if not entry.applies_to(model):
         return {"status": "n/a"}
     evict = evictor() if timed else None
-    warm = entry.setup(model_of(50_000, dtype), 1e-3)  # the process's one-time costs (threads, kernels) first
+    tiny = model_of(50_000, dtype)  # the process's one-time costs (threads, kernels) first, on a tiny model
+    warm = entry.setup(tiny, 1e-3)
     warm()
     warm()
-    del warm
+    del warm, tiny
     gc.collect()
     base = _statm_bytes()
     _reset_peak()
