@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from polyak.schedules import (
     constant,
+    delayed,
     gamma_from_sigma_rel,
     inverse_gamma,
     linear_warmup,
     power_function,
+    ratio_warmup,
     sigma_rel_from_gamma,
 )
 
@@ -26,6 +28,10 @@ ALL_SCHEDULES = [
     inverse_gamma(gamma=10.0, power=0.75, max_decay=0.999, min_decay=0.5),
     power_function(gamma=0),
     power_function(sigma_rel=0.05),
+    ratio_warmup(),
+    ratio_warmup(max_decay=0.99, min_decay=0.5),
+    delayed(constant(0.01), 3),
+    delayed(inverse_gamma(), 0),
 ]
 
 
