@@ -90,5 +90,7 @@ def run_program(block: Block, folder: Path) -> None:
     if "timm" in block.code:  # timm's EMA, from its wheel (timm itself needs torchvision; see _timm.py)
         import _timm
 
-        _timm.install()
+        with _timm.installed():
+            run_block(block)
+        return
     run_block(block)

@@ -74,7 +74,8 @@ def test_inverse_gamma_closed_form():
         decay = 1 - (1 + (k - 1)) ** (-2 / 3)
         assert s(k) == pytest.approx(1 - min(0.9999, decay), rel=1e-12)
     assert s(10**9) == pytest.approx(1e-4)
-    assert inverse_gamma(min_decay=0.5)(1) == 0.5
+    assert inverse_gamma(min_decay=0.5)(1) == 1.0  # the first update copies, as in timm, ema-pytorch, diffusers
+    assert inverse_gamma(min_decay=0.5)(2) == 0.5
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,9 @@ class _InverseGamma(_Saved):
 
     def __call__(self, k: int) -> float:
         t = _index(k) - 1
-        decay = 0.0 if t <= 0 else 1.0 - (1.0 + t / self.gamma) ** -self.power
+        if t <= 0:  # the first update copies, min_decay or not, as in timm, ema-pytorch and diffusers
+            return 1.0
+        decay = 1.0 - (1.0 + t / self.gamma) ** -self.power
         return 1.0 - min(self.max_decay, max(self.min_decay, decay))
 
 
@@ -198,10 +200,11 @@ def inverse_gamma(
 
     With ``t = k - 1``::
 
-        decay_k = 0 if t <= 0 else 1 - (1 + t / gamma) ** -power
-        m_k = 1 - clamp(decay_k, min_decay, max_decay)
+        m_k = 1                                                      if t <= 0
+        m_k = 1 - clamp(1 - (1 + t / gamma) ** -power, min_decay, max_decay)  otherwise
 
-    so the first update copies the online model (unless ``min_decay > 0``). ``gamma=1, power=2/3`` suits
+    so the first update copies the online model, whatever ``min_decay`` (as in timm, ema-pytorch and
+    diffusers, whose first warm-up step copies too). ``gamma=1, power=2/3`` suits
     runs of a million steps or more; ``power=3/4`` shorter ones (T. Karras' and @lucidrains' advice, as
     quoted by ema-pytorch).
 
