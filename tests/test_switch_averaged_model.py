@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from _docs import DOCS, named, run_block
+from _docs import DOCS
+from _switching import model_and_data, run, train
 from polyak import EMA
 from polyak.convert import load_state_dict
 from polyak.schedules import power_function
@@ -18,33 +18,9 @@ from polyak.schedules import power_function
 PAGE = DOCS / "switching" / "averaged-model.md"
 
 
-def run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.chdir(tmp_path)
-    return run_block(named(PAGE, name))
-
-
-def model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
-    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(1))
-    return model, x, x.sum(1, keepdim=True)
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, after_step) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        batch = torch.randint(0, len(x), (32,), generator=g)
-        loss = (model(x[batch]) - y[batch]).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        after_step()
-
-
 def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = run("before", tmp_path, monkeypatch)["averaged"].state_dict()
-    after = run("after", tmp_path, monkeypatch)["averaged"].state_dict()
+    before = run(PAGE, "before", tmp_path, monkeypatch)["averaged"].state_dict()
+    after = run(PAGE, "after", tmp_path, monkeypatch)["averaged"].state_dict()
     assert before.keys() == after.keys()
     for k, v in after.items():
         if v.is_floating_point():  # the same _foreach_lerp_ with the same weight: bit for bit
@@ -55,7 +31,7 @@ def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pyt
 
 
 def test_checkpoint_block_loads_an_averaged_model_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ns = run("checkpoint", tmp_path, monkeypatch)
+    ns = run(PAGE, "checkpoint", tmp_path, monkeypatch)
     assert ns["source"] == "averaged_model" and ns["ema"].num_updates == 3
     for k, v in ns["swa_model"].module.state_dict().items():
         assert torch.equal(ns["averaged"].state_dict()[k], v), k
@@ -87,7 +63,7 @@ def test_with_decay_0999_the_counter_stays_at_1() -> None:
 def test_in_bf16_averaged_model_freezes_and_polyak_tracks_float64(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ns = run("bf16", tmp_path, monkeypatch)
+    ns = run(PAGE, "bf16", tmp_path, monkeypatch)
     moved, theirs, ours, ours_bf16 = ns["moved"], ns["swa_error"], ns["master_error"], ns["bf16_error"]
     # measured (sums of |error| over the 129 weights): AveragedModel 1.50 for an exact EMA that moved 2.00 after
     # its first copy (most updates rounded away); polyak's master 7.9e-6 (float32 rounding); its bf16 ema_model,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +15,8 @@ from torch import nn
 
 import polyak.convert
 from _docs import DOCS, named, run_block
+from _switching import small_model as _model
+from _switching import train_on_random as _train
 from polyak import EMA, schedules
 from polyak.posthoc import PostHocEMA, synthesize
 
@@ -24,23 +25,6 @@ torch_ema = pytest.importorskip("torch_ema")
 
 PAGE = DOCS / "switching" / "ema-pytorch.md"
 COUNT = "1.num_batches_tracked"
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
-
-
-def _train(model: nn.Module, steps: int, after_step: Callable[[int], None], seed: int = 1) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = torch.Generator().manual_seed(seed)
-    for step in range(1, steps + 1):
-        x = torch.randn(32, 8, generator=data)
-        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        after_step(step)
 
 
 def _assert_close(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> float:

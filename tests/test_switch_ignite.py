@@ -11,27 +11,18 @@ from ignite.engine import Engine
 from ignite.handlers import EMAHandler as IgniteEMAHandler
 from torch import nn
 
-from _docs import DOCS, named, run_block
+from _docs import DOCS
+from _switching import assert_same_average, run
 from polyak import EMAHandler
 
 PAGE = DOCS / "switching" / "ignite.md"
 
 
-def run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.chdir(tmp_path)
-    return run_block(named(PAGE, name))
-
-
 def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = run("before", tmp_path, monkeypatch)
-    after = run("after", tmp_path, monkeypatch)
+    before = run(PAGE, "before", tmp_path, monkeypatch)
+    after = run(PAGE, "after", tmp_path, monkeypatch)
     theirs, ours = before["averaged"].state_dict(), after["averaged"].state_dict()
-    assert theirs.keys() == ours.keys()
-    for k, v in ours.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=k)
-        else:
-            assert torch.equal(v, theirs[k]), k
+    assert_same_average(theirs, ours)
     assert after["trainer"].state.ema_momentum == before["trainer"].state.ema_momentum == 0.01
     assert after["ema_handler"].ema.num_updates == 40
     # ignite's integer buffer is the online model's own tensor; polyak's is the EMA model's
@@ -82,7 +73,7 @@ def test_ignites_copied_buffers_are_the_models_own() -> None:
 
 
 def test_in_bf16_ignite_freezes_and_polyak_tracks_float64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ns = run("bf16", tmp_path, monkeypatch)
+    ns = run(PAGE, "bf16", tmp_path, monkeypatch)
     moved, theirs, ours = ns["moved"], ns["ignite_error"], ns["master_error"]
     # measured (sums over the 129 weights): the exact EMA moved 2.17; ignite's ends 1.55 from it (most updates
     # rounded away), polyak's float32 master 5.9e-6 (float32 rounding)
@@ -96,7 +87,7 @@ def test_a_run_resumed_from_ignites_checkpoint_continues_as_ignites(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checkpoint block: 40 iterations with ignite's handler, 40 more with polyak's; against 80 with ignite's."""
-    ns = run("checkpoint", tmp_path, monkeypatch)
+    ns = run(PAGE, "checkpoint", tmp_path, monkeypatch)
     assert ns["trainer"].state.iteration == 80 and ns["ema_handler"].ema.num_updates == 40
     trainer, handler, _ = ns["setup"](IgniteEMAHandler)
     trainer.run(ns["data"], max_epochs=10)

@@ -12,20 +12,16 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
-from _docs import DOCS, named, run_block
+from _docs import DOCS
+from _switching import run
 from polyak.lightning import EMACallback
 
 PAGE = DOCS / "switching" / "lightning.md"
 
 
-def run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.chdir(tmp_path)
-    return run_block(named(PAGE, name))
-
-
 def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = run("before", tmp_path, monkeypatch)
-    after = run("after", tmp_path, monkeypatch)
+    before = run(PAGE, "before", tmp_path, monkeypatch)
+    after = run(PAGE, "after", tmp_path, monkeypatch)
     theirs, ours = before["averaged"].state_dict(), after["averaged"].state_dict()
     assert theirs.keys() == ours.keys()
     for k, v in ours.items():
@@ -97,7 +93,7 @@ def test_a_run_resumed_from_lightnings_checkpoint_continues_as_lightnings(
 ) -> None:
     """The checkpoint block: 16 steps with EMAWeightAveraging, 16 more with EMACallback; against 32 steps with
     EMAWeightAveraging alone."""
-    ns = run("checkpoint", tmp_path, monkeypatch)
+    ns = run(PAGE, "checkpoint", tmp_path, monkeypatch)
     assert ns["callback"].ema.num_updates == 32
     torch.manual_seed(0)
     model = ns["Net"]()

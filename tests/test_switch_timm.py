@@ -5,7 +5,6 @@ loads timm's and AveragedModel's states so that training continues as with the o
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,28 +14,13 @@ from torch import nn
 import _timm
 import polyak.convert
 from _docs import DOCS, named, run_block
+from _switching import small_model as _model
+from _switching import train_on_random as _train
 from polyak import EMA, schedules
 
 ModelEmaV2, ModelEmaV3 = _timm.load().ModelEmaV2, _timm.load().ModelEmaV3  # timm's code, from its wheel
 
 PAGE = DOCS / "switching" / "timm.md"
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
-
-
-def _train(model: nn.Module, steps: int, after_step: Callable[[int], None], seed: int = 1) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = torch.Generator().manual_seed(seed)
-    for step in range(1, steps + 1):
-        x = torch.randn(32, 8, generator=data)
-        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        after_step(step)
 
 
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch_ema import ExponentialMovingAverage
 
-from _docs import DOCS, named, run_block
+from _docs import DOCS
+from _switching import assert_same_average, model_and_data, run, train
 from polyak import EMA
 from polyak.convert import load_state_dict
 from polyak.schedules import ratio_warmup
@@ -18,40 +19,11 @@ from polyak.schedules import ratio_warmup
 PAGE = DOCS / "switching" / "torch-ema.md"
 
 
-def run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.chdir(tmp_path)
-    return run_block(named(PAGE, name))
-
-
-def model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
-    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(1))
-    return model, x, x.sum(1, keepdim=True)
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, after_step) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        batch = torch.randint(0, len(x), (32,), generator=g)
-        loss = (model(x[batch]) - y[batch]).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        after_step()
-
-
 def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = run("before", tmp_path, monkeypatch)
-    after = run("after", tmp_path, monkeypatch)
+    before = run(PAGE, "before", tmp_path, monkeypatch)
+    after = run(PAGE, "after", tmp_path, monkeypatch)
     theirs, ours = before["averaged"].state_dict(), after["averaged"].state_dict()
-    assert theirs.keys() == ours.keys()
-    for k, v in ours.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=k)
-        else:
-            assert torch.equal(v, theirs[k]), k
+    assert_same_average(theirs, ours)
     assert after["val_loss"] == pytest.approx(before["val_loss"], rel=1e-5)
     # the online model is back as it was after both evaluations
     for a, b in zip(before["model"].parameters(), after["model"].parameters(), strict=True):
@@ -60,7 +32,7 @@ def test_before_and_after_give_the_same_average(tmp_path: Path, monkeypatch: pyt
 
 
 def test_checkpoint_block_loads_a_torch_ema_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ns = run("checkpoint", tmp_path, monkeypatch)
+    ns = run(PAGE, "checkpoint", tmp_path, monkeypatch)
     assert ns["source"] == "torch_ema" and ns["ema"].num_updates == 3
     for p, s in zip(ns["averaged"].parameters(), ns["old"].shadow_params, strict=True):
         assert torch.equal(p, s)
@@ -111,7 +83,7 @@ def test_buffers_passed_to_torch_ema_fail_half_way_and_polyak_averages_them() ->
 
 def test_in_bf16_torch_ema_freezes_and_polyak_tracks_float64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page's bf16 block: decay 0.999 without the warm-up (which takes 8,990 updates to reach it)."""
-    ns = run("bf16", tmp_path, monkeypatch)
+    ns = run(PAGE, "bf16", tmp_path, monkeypatch)
     moved, theirs, ours = ns["moved"], ns["torch_ema_error"], ns["master_error"]
     # measured (sums over the 129 weights): the exact EMA moved 2.10; torch-ema ends 1.55 from it (most updates
     # rounded away), polyak's float32 master 8.6e-6 (float32 rounding)
