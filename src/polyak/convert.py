@@ -36,6 +36,7 @@ from polyak.ema import EMA
 __all__ = ["SOURCES", "convert_state_dict", "detect_source", "load_state_dict"]
 
 SOURCES = ("polyak", "model", "averaged_model", "timm", "ema_pytorch", "torch_ema")
+"""The formats :func:`convert_state_dict` reads, as its ``source`` names them."""
 # the update count each source saves, where it saves one
 _COUNT_KEYS = {
     "polyak": "num_updates",

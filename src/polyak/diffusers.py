@@ -75,8 +75,6 @@ class EMAModel:
             float16/bfloat16 parameters (see :class:`polyak.EMA`).
 
     Attributes:
-        shadow_params: the averaged tensors, in the order of ``parameters`` (assignable: the values are
-            copied in).
         optimization_step: how many times :meth:`step` ran.
         cur_decay_value: the decay of the last step.
         ema: the :class:`polyak.EMA` underneath.
@@ -184,7 +182,8 @@ class EMAModel:
     # -- the average --------------------------------------------------------------------------------------------------
     @property
     def shadow_params(self) -> list[Tensor]:
-        """The averaged tensors, in the order of the parameters given (as diffusers'); assigning a list loads it."""
+        """The averaged tensors, in the order of the parameters given (as diffusers'); assigning a list copies
+        its values in."""
         return self.ema.ema_model.tensors()  # type: ignore[operator]
 
     @shadow_params.setter

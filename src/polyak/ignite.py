@@ -213,13 +213,9 @@ class EMAHandler:
             ``engine.state``. The handler counts the iterations between its updates itself.
 
     Attributes:
-        ema_model: the averaged model, in eval mode unless ``handle_buffers="ema_train"``, on the online
-            model's device; a ``DataParallel`` if ``model`` is one.
-        model: the online model; ``model.module`` if ``model`` is ``DistributedDataParallel``.
         momentum: the update momentum (after the warm-up).
         momentum_warmup: as given.
         warmup_iters: as given.
-        handle_buffers: as given.
         momentum_scheduler: the :class:`MomentumScheduler` that writes the scheduled momentum to
             ``engine.state``; always present, attached only where there is a warm-up or a schedule.
             Assignable: a subclass may put ignite's ``LambdaStateScheduler`` here, as ignite's does.
@@ -357,7 +353,9 @@ class EMAHandler:
 
     @property
     def ema_model(self) -> nn.Module:
-        """The averaged model; assigning another module (built like the model) makes it the EMA model."""
+        """The averaged model, in eval mode unless ``handle_buffers="ema_train"``, on the online model's device (a
+        ``DataParallel`` if the model is one); assigning another module (built like the model) makes it the EMA
+        model."""
         return self.ema.ema_model
 
     @ema_model.setter

@@ -23,6 +23,7 @@ CLI_DESCRIPTION = (
     "one file per value, named posthoc-sigma{sigma_rel:.4f}-t{t:010d}.safetensors. Load a result with "
     "safetensors.torch.load_file(path) and model.load_state_dict(...)."
 )
+"""The description of ``python -m polyak posthoc``, for a parser that wires it as a sub-command."""
 _CLI_DTYPES = {"model": None, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
