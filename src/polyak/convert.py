@@ -26,6 +26,7 @@ differs) is refused with a ``ValueError`` that names it, and nothing is changed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 from torch import Tensor
@@ -274,6 +275,8 @@ def _count(source: str, state_dict: Mapping[str, Any], num_updates: object) -> i
         value = int(value)
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point() and float(value).is_integer():
         value = int(value)  # ema-pytorch's PostHocEMA saves its step in float16
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        value = int(value)  # a numpy integer: the int it is (np.bool_ is no Integral)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{where} must be an int >= 0, got {value!r}")
     return value

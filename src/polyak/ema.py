@@ -961,7 +961,12 @@ class EMA:
         self._record_versions()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the EMA model: ``ema(x)`` is ``ema.ema_model(x)``, as with ema-pytorch's ``EMA``."""
+        """Run the EMA model: ``ema(x)`` is ``ema.ema_model(x)``, as with ema-pytorch's ``EMA``.
+
+        Refused inside :meth:`swapped`, where the EMA model holds the online weights (the model is the average
+        there: call it)."""
+        if self._swap_depth:
+            self._refuse_when_swapped("ema(...)")
         return self.ema_model(*args, **kwargs)
 
     def __repr__(self) -> str:

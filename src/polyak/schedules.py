@@ -379,8 +379,16 @@ class _Delayed(_Saved):
         return 1.0 if k <= self.start else float(self.schedule(k - self.start))
 
     def state_dict(self) -> dict[str, Any]:
-        inner = self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else repr(self.schedule)
-        return {"schedule": type(self).__name__, "start": self.start, "inner": inner}
+        return {"schedule": type(self).__name__, "start": self.start, "inner": _describe(self.schedule)}
+
+
+def _describe(schedule: Schedule) -> Any:
+    """A schedule as plain values: its own ``state_dict()``, else its qualified name (never its ``repr``, which
+    holds a function's address: the same code in a resumed process would not match it)."""
+    if hasattr(schedule, "state_dict"):
+        return schedule.state_dict()
+    kind = schedule if hasattr(schedule, "__qualname__") else type(schedule)
+    return f"{getattr(kind, '__module__', None)}.{getattr(kind, '__qualname__', type(schedule).__name__)}"
 
 
 def delayed(schedule: Schedule, start: int = 1) -> Schedule:
