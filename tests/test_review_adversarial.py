@@ -72,3 +72,65 @@ def test_convert_takes_a_numpy_or_tensor_int_count(count: object) -> None:
     for bad in (np.int64(-1), np.float64(4.5), np.bool_(True)):
         with pytest.raises(ValueError, match="num_updates must be an int >= 0"):
             load_state_dict(ema, timm_like, num_updates=bad)
+
+
+class _WithBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self.norm = nn.LayerNorm(3)
+        self.register_buffer("scale", torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(flat=True),
+        dict(handle_buffers="update"),
+        dict(dtype_model=torch.bfloat16),
+        dict(dtype_model=torch.bfloat16, flat=True),
+        dict(dtype_model=torch.bfloat16, master="split"),
+        dict(dtype_model=torch.bfloat16, dtype=torch.bfloat16, stochastic_rounding=True),
+        dict(device="cpu"),
+    ],
+    ids=["plain", "flat", "update_buffers", "bf16", "bf16_flat", "bf16_split", "bf16_stochastic", "device"],
+)
+def test_the_copying_updates_copy_even_over_an_ema_that_holds_nan_or_inf(options: dict) -> None:
+    # The EMA built before the weights were loaded (a model from torch.empty / to_empty(), whose garbage may hold
+    # NaN or Inf): copy_first=1 is meant to take the loaded weights. lerp with weight 1 computes
+    # online - (online - ema) * 0: NaN wherever the EMA held NaN or Inf, for good.
+    options = dict(options)
+    dtype = options.pop("dtype_model", torch.float32)
+    torch.manual_seed(0)
+    model = _WithBuffer().to(dtype)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # the garbage the EMA copies at construction
+        for i, t in enumerate(model.state_dict().values()):
+            t.fill_((float("nan"), float("inf"), -float("inf"))[i % 3])
+    ema = EMA(model, momentum=0.1, copy_first=1, **options)
+    model.load_state_dict(trained)  # in place: the weights the run starts from
+    assert ema.update() == 1.0
+    for name, value in ema.ema_model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    for name, value in ema.state_dict().get("master", {}).items():
+        assert torch.equal(value, trained[name].float()), name
+    ema.update()
+    assert all(bool(torch.isfinite(v).all()) for v in ema.ema_model.state_dict().values())
+
+
+def test_the_fast_path_copies_over_nan_too_and_so_does_an_explicit_momentum_1() -> None:
+    model = nn.Linear(3, 2)  # one float32 group, no buffers: the update's fast path
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+        model.bias.fill_(float("inf"))
+    ema = EMA(model, momentum=0.1, copy_first=1)
+    assert ema._simple
+    model.load_state_dict(trained)
+    ema.update()
+    assert all(torch.equal(v, trained[k]) for k, v in ema.ema_model.state_dict().items())
+    with torch.no_grad():
+        ema.ema_model.weight.fill_(float("nan"))
+    ema.update(momentum=1.0)  # as EMAHandler passes the momentum_scheduler's 1.0 of a copying update
+    assert all(torch.equal(v, trained[k]) for k, v in ema.ema_model.state_dict().items())

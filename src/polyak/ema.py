@@ -595,7 +595,10 @@ class EMA:
         try:
             if self._simple and self._structure.unchanged():
                 # the common case, as directly as it goes: it is all of a small model's update
-                torch._foreach_lerp_(self._simple_ema, self._simple_online, m)
+                if m == 1.0:  # a copy, exactly (lerp's weight 1 keeps a NaN or Inf the EMA held: see _fold)
+                    torch._foreach_copy_(self._simple_ema, self._simple_online)
+                else:
+                    torch._foreach_lerp_(self._simple_ema, self._simple_online, m)
             else:
                 self._ensure_current()
                 if not self._fold(m, k):
@@ -614,6 +617,12 @@ class EMA:
         self._refetch()
         if self.skip_nonfinite and self._skips(k):
             return False
+        if m == 1.0:
+            # a copy (copy_first, a schedule's first update): lerp with weight 1 computes
+            # online - (online - acc) * 0, NaN wherever the average held NaN or Inf (an EMA copied from weights
+            # not yet loaded); from zero it is the online value, exactly
+            for kernel in self._kernels:
+                torch._foreach_zero_(kernel.accumulator.views)
         for kernel in self._kernels:
             kernel.apply(m)
         self._finish()
