@@ -134,3 +134,26 @@ def test_the_fast_path_copies_over_nan_too_and_so_does_an_explicit_momentum_1() 
         ema.ema_model.weight.fill_(float("nan"))
     ema.update(momentum=1.0)  # as EMAHandler passes the momentum_scheduler's 1.0 of a copying update
     assert all(torch.equal(v, trained[k]) for k, v in ema.ema_model.state_dict().items())
+
+
+def test_an_averaged_ddp_model_is_refused_with_what_to_do() -> None:
+    # AveragedModel(DistributedDataParallel(model)): 'module.module.<name>', which collides with nothing, but
+    # the refusal listed only names; it now says where the extra 'module.' comes from
+    from torch.optim.swa_utils import AveragedModel
+
+    class Wrapped(nn.Module):  # the names DistributedDataParallel gives
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    model = nn.Linear(2, 1)
+    averaged = AveragedModel(Wrapped(model))
+    averaged.update_parameters(Wrapped(model))
+    ema = EMA(model, momentum=0.1)
+    with pytest.raises(ValueError, match=r"unexpected \['module.module.weight'.*DistributedDataParallel"):
+        load_state_dict(ema, averaged.state_dict())
+    assert ema.num_updates == 0
+    # and a model whose own first submodule is 'module' loads it, with no advice needed
+    wrapped_ema = EMA(Wrapped(nn.Linear(2, 1)), momentum=0.1)
+    assert load_state_dict(wrapped_ema, averaged.state_dict()) == "averaged_model"
+    assert torch.equal(wrapped_ema.ema_model.module.weight, averaged.module.module.weight)

@@ -223,6 +223,12 @@ def _check_fit(source: str, values: Mapping[str, Any], own: Mapping[str, Any], s
 def _advice(source: str, values: Mapping[str, Any], own: Mapping[str, Any]) -> str:
     if source == "model" and any(isinstance(k, str) and k.startswith("module.") for k in values):
         return " (its names start with 'module.': pass source='timm' or 'averaged_model')"
+    twice = [k[len("module.") :] for k in values if isinstance(k, str) and k.startswith("module.")]
+    if source != "model" and len(twice) == len(values) and set(twice) == set(own):
+        return (
+            " (its names hold 'module.' once more: the averaged model was a DistributedDataParallel or DataParallel "
+            "model; remove that from each name first)"
+        )
     return ""
 
 
