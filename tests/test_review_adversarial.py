@@ -157,3 +157,13 @@ def test_an_averaged_ddp_model_is_refused_with_what_to_do() -> None:
     wrapped_ema = EMA(Wrapped(nn.Linear(2, 1)), momentum=0.1)
     assert load_state_dict(wrapped_ema, averaged.state_dict()) == "averaged_model"
     assert torch.equal(wrapped_ema.ema_model.module.weight, averaged.module.module.weight)
+
+
+def test_convert_inside_swapped_is_refused_under_its_own_name_and_changes_nothing() -> None:
+    # the refusal named "state_dict()", which the user never called
+    model = nn.Linear(2, 1)
+    ema = EMA(model, momentum=0.1)
+    state = {f"module.{k}": v + 1 for k, v in model.state_dict().items()}
+    with ema.swapped(), pytest.raises(RuntimeError, match="polyak.convert inside ema.swapped"):
+        load_state_dict(ema, state, num_updates=3)
+    assert ema.num_updates == 0 and torch.equal(ema.ema_model.weight, model.weight)

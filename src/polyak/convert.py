@@ -162,6 +162,7 @@ def _convert(
     """The source, resolved, and the state dict for ``ema.load_state_dict``."""
     if not isinstance(ema, EMA):
         raise TypeError(f"ema must be a polyak.EMA, got {type(ema).__name__}")
+    ema._refuse_when_swapped("converting a state with polyak.convert")  # named so, not as ema.state_dict()
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     if source != "auto" and source not in SOURCES:
