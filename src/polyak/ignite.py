@@ -199,8 +199,9 @@ class EMAHandler:
         schedule: keyword-only; any callable ``k -> momentum`` of the 1-based update index (see
             :mod:`polyak.schedules`), instead of ``momentum``/``momentum_warmup``/``warmup_iters``.
         copy_first: keyword-only; how many updates copy the online model before the averaging (and the
-            warm-up) starts: a delayed start (see :class:`~polyak.EMA`). Not in ignite; with it, the
-            ``momentum_scheduler`` writes momentum 1 for those updates.
+            warm-up) starts: a delayed start (see :class:`~polyak.EMA`). Not in ignite. With it the handler
+            has a schedule, as with a warm-up: ``momentum_scheduler`` writes the momentum of every update (1
+            for those), and ``_momentum_lambda_obj`` is the delayed schedule, not ignite's warm-up object.
         dtype, stochastic_rounding, seed, skip_nonfinite, device, flat, compile: keyword-only; passed to
             :class:`~polyak.EMA` (float32 masters for low-precision models by default, and so on).
         ema_model: keyword-only; the module to hold the average where the model cannot be deep-copied
