@@ -167,3 +167,23 @@ def test_convert_inside_swapped_is_refused_under_its_own_name_and_changes_nothin
     with ema.swapped(), pytest.raises(RuntimeError, match="polyak.convert inside ema.swapped"):
         load_state_dict(ema, state, num_updates=3)
     assert ema.num_updates == 0 and torch.equal(ema.ema_model.weight, model.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_post_hoc_profiles_copy_first_over_nan_too(tmp_path, dtype: torch.dtype) -> None:
+    """PostHocEMA's profiles start with a copy (the power function's first momentum is 1); updated together
+    (one staging for both, the bf16 path), that copy must not keep a NaN its EMAs were built with either."""
+    from polyak.posthoc import PostHocEMA
+
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)]).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # as after to_empty(), before the weights are loaded
+    posthoc = PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_every=100, directory=tmp_path)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.fill_(0.5 + i)
+    posthoc.update()
+    for ema in posthoc.emas:
+        for p, q in zip(ema.ema_model.parameters(), model.parameters(), strict=True):
+            assert torch.equal(p, q)

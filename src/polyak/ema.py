@@ -618,15 +618,18 @@ class EMA:
         if self.skip_nonfinite and self._skips(k):
             return False
         if m == 1.0:
-            # a copy (copy_first, a schedule's first update): lerp with weight 1 computes
-            # online - (online - acc) * 0, NaN wherever the average held NaN or Inf (an EMA copied from weights
-            # not yet loaded); from zero it is the online value, exactly
-            for kernel in self._kernels:
-                torch._foreach_zero_(kernel.accumulator.views)
+            self._clear_for_copy()
         for kernel in self._kernels:
             kernel.apply(m)
         self._finish()
         return True
+
+    def _clear_for_copy(self) -> None:
+        """Before an update of momentum 1 (a copy: ``copy_first``, a schedule's first update). Its lerp with
+        weight 1 computes ``online - (online - acc) * 0``: NaN wherever the average held NaN or Inf (an EMA
+        copied from weights not yet loaded); from zero it is the online value, exactly."""
+        for kernel in self._kernels:
+            torch._foreach_zero_(kernel.accumulator.views)
 
     def _finish(self) -> None:
         """What follows the lerps: copied tensors, the version records of the masters, FSDP2's reshard."""

@@ -401,6 +401,9 @@ class _Together:
                 for e in emas[1:]:
                     e.num_skipped += 1
                 return [0.0] * len(emas)
+            for e, m in zip(emas, ms, strict=True):
+                if m == 1.0:
+                    e._clear_for_copy()
             for i in range(len(first._kernels)):
                 apply_together([e._kernels[i] for e in emas], ms)
             for e in emas:
