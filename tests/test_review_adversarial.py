@@ -187,3 +187,20 @@ def test_post_hoc_profiles_copy_first_over_nan_too(tmp_path, dtype: torch.dtype)
     for ema in posthoc.emas:
         for p, q in zip(ema.ema_model.parameters(), model.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("bad", ["integers for a weight", "floats for a counter"])
+def test_convert_refuses_values_of_another_kind_and_changes_nothing(bad: str) -> None:
+    """A float parameter given integer values (or an integer buffer given floats) is a state of something
+    else: refused by name, not cast."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = EMA(model, momentum=0.1)
+    state = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
+    state["n_averaged"] = torch.tensor(3)
+    key = "module.0.weight" if bad == "integers for a weight" else "module.1.num_batches_tracked"
+    state[key] = state[key].long() if bad == "integers for a weight" else state[key].double()
+    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_state_dict(ema, state, source="averaged_model")
+    assert all(torch.equal(v, before[k]) for k, v in ema.ema_model.state_dict().items())
+    assert ema.num_updates == 0

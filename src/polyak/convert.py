@@ -212,13 +212,28 @@ def _check_fit(source: str, values: Mapping[str, Any], own: Mapping[str, Any], s
             + _advice(source, values, own)
         )
     for name, target in own.items():
-        value = values[name]
-        if isinstance(target, Tensor) and (not isinstance(value, Tensor) or value.shape != target.shape):
-            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        got = _misfit(values[name], target) if isinstance(target, Tensor) else None
+        if got:
             raise ValueError(
                 f"the {source} state's {saved_as(name)!r} has {got}, but the EMA model's {name!r} has shape "
-                f"{tuple(target.shape)}"
+                f"{tuple(target.shape)} and dtype {target.dtype}"
             )
+
+
+def _misfit(value: object, target: Tensor) -> str | None:
+    """What keeps ``value`` from standing for ``target`` (another shape, integers for floats, ...), or None.
+    Floating values of another precision fit: they are rounded, or widened into the float32 masters."""
+
+    def kind(t: Tensor) -> str:
+        return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer"
+
+    if not isinstance(value, Tensor):
+        return type(value).__name__
+    if value.shape != target.shape:
+        return f"shape {tuple(value.shape)}"
+    if kind(value) != kind(target):
+        return f"{kind(value)} values ({value.dtype})"
+    return None
 
 
 def _advice(source: str, values: Mapping[str, Any], own: Mapping[str, Any]) -> str:
@@ -256,11 +271,11 @@ def _torch_ema_values(
             "names of the parameters the ExponentialMovingAverage was built on, in order"
         )
     for i, (name, value) in enumerate(zip(names, shadow, strict=True)):
-        if not isinstance(value, Tensor) or value.shape != own[name].shape:
-            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        got = _misfit(value, own[name])
+        if got:
             raise ValueError(
                 f"the torch_ema state's shadow_params[{i}] has {got}, but the EMA model's parameter {name!r} "
-                f"(number {i} in order) has shape {tuple(own[name].shape)}"
+                f"(number {i} in order) has shape {tuple(own[name].shape)} and dtype {own[name].dtype}"
             )
     return dict(zip(names, shadow, strict=True))
 
