@@ -204,3 +204,32 @@ def test_convert_refuses_values_of_another_kind_and_changes_nothing(bad: str) ->
         load_state_dict(ema, state, source="averaged_model")
     assert all(torch.equal(v, before[k]) for k, v in ema.ema_model.state_dict().items())
     assert ema.num_updates == 0
+
+
+class _Masked(nn.Module):
+    """A causal attention mask of -inf as a buffer, beside a BatchNorm whose statistics are averaged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.norm(self.linear(x)).unsqueeze(1) + self.mask).softmax(-1).sum(1)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_mask_of_minus_inf_stays_a_mask_with_averaged_buffers(flat: bool) -> None:
+    """handle_buffers='update' (the Lightning callback's default): -inf averaged with -inf is NaN; the mask
+    is copied, the BatchNorm statistics are still averaged."""
+    torch.manual_seed(0)
+    model = _Masked()
+    ema = EMA(model, momentum=0.5, handle_buffers="update", flat=flat)
+    start = ema.ema_model.norm.running_mean.clone()
+    model.train()
+    model(torch.randn(8, 4))
+    ema.update()
+    assert torch.equal(ema.ema_model.mask, model.mask)
+    torch.testing.assert_close(ema.ema_model.norm.running_mean, start.lerp(model.norm.running_mean, 0.5))
+    assert torch.isfinite(ema(torch.randn(2, 4))).all()

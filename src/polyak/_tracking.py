@@ -51,6 +51,13 @@ def named_tensors(module: nn.Module) -> OrderedDict[str, tuple[Tensor, bool]]:
     return out
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf (True where its values cannot be read here: meta, sharded)."""
+    if t.device.type == "meta" or is_dtensor(t) or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def averaged_kind(t: Tensor) -> bool:
     """Whether a tensor's values can be averaged: floating point or complex (integers are copied)."""
     return t.is_floating_point() or t.is_complex()
@@ -197,7 +204,8 @@ def pair(
         elif is_param:
             role = "lerp"
         else:
-            role = "lerp" if handle_buffers == "update" else "copy"
+            # a buffer holding -inf or inf (an attention mask) would average into NaN (inf - inf): copied
+            role = "lerp" if handle_buffers == "update" and _all_finite(t) else "copy"
         # a copied buffer may change shape (a cache that grows): its copy follows; anything else must match
         resized = role == "copy" and not is_param and t.shape != e.shape
         if (

@@ -76,8 +76,10 @@ class EMA:
             update copies).
         handle_buffers: what happens to buffers (BatchNorm statistics and the like) at each update:
             ``"copy"`` copies the online model's values into the EMA model's own tensors; ``"update"``
-            averages floating buffers like parameters and copies integer ones; ``"ema_train"`` leaves the
-            buffers alone and puts the EMA model in train mode. Otherwise the EMA model is in eval mode.
+            averages floating buffers like parameters and copies integer ones, and those that hold NaN or
+            Inf when the EMA pairs the models (an attention mask of ``-inf``, whose average would be NaN);
+            ``"ema_train"`` leaves the buffers alone and puts the EMA model in train mode. Otherwise the EMA
+            model is in eval mode.
         dtype: the dtype the average is accumulated in. By default float16 and bfloat16 tensors are
             averaged in a float32 *master* (in their own dtype, an update of momentum 2e-4 is smaller than
             half a unit in the last place and rounds away: the EMA never moves), other dtypes in their own.
