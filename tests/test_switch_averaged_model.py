@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from _docs import DOCS
@@ -83,3 +84,28 @@ def test_the_swa_average_is_power_function_gamma_0() -> None:
     for (name, a), b in zip(ema.ema_model.named_parameters(), swa.module.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=name)
     assert int(swa.n_averaged) == ema.num_updates == 50
+
+
+def test_a_mask_of_minus_inf_becomes_nan_in_averaged_model_and_stays_a_mask_in_polyak() -> None:
+    """The table's row on use_buffers=True: a causal mask of -inf registered as a buffer."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.linear(x).unsqueeze(1) + self.mask).softmax(-1).sum(1)
+
+    torch.manual_seed(0)
+    model = Masked()
+    swa_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
+    ema = EMA(model, momentum=0.01, copy_first=1, handle_buffers="update")
+    for _ in range(2):  # the first update copies, the second averages
+        swa_model.update_parameters(model)
+        ema.update()
+    x = torch.randn(3, 4)
+    assert swa_model.module.mask.isnan().sum().item() == 6  # the six -inf entries; the zeros stay
+    assert swa_model(x).isnan().all()  # every output
+    assert torch.equal(ema.ema_model.mask, model.mask) and torch.isfinite(ema(x)).all()
