@@ -286,7 +286,9 @@ def _count(source: str, state_dict: Mapping[str, Any], num_updates: object) -> i
         value = state_dict.get(key) if key is not None else None
         if value is None:
             why = {
-                "timm": "timm saves none: give the step your loop last passed to ModelEmaV3.update",
+                "timm": "timm saves none: give the step your loop last passed to ModelEmaV3.update (names that all "
+                "start with 'module.' are read as timm's ModelEmaV2/V3; for the state of a DistributedDataParallel "
+                "model, remove 'module.' from each name and pass source='model')",
                 "torch_ema": "this one was built with use_num_updates=False",
             }.get(source, "a plain state dict holds none")
             raise ValueError(f"pass num_updates= (the number of EMA updates so far): {why}")
