@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 
 from polyak.ema import EMA, HANDLE_BUFFERS  # noqa: E402
 from polyak.posthoc import PostHocEMA  # noqa: E402
-from polyak.schedules import Schedule, _check_int, _check_momentum, constant, delayed  # noqa: E402
+from polyak.schedules import Schedule, _callback_schedule, _check_int  # noqa: E402
 
 __all__ = ["EMACallback", "PostHocEMACallback"]
 
@@ -182,19 +182,7 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         predicate: Callable[[str, torch.Tensor], bool] | None = None,
         trainable_only: bool = False,
     ) -> None:
-        given = [n for n, v in (("momentum", momentum), ("decay", decay), ("schedule", schedule)) if v is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of momentum, decay or schedule, got {', '.join(given)}")
-        if schedule is None:
-            if momentum is None:
-                momentum = 1.0 - _check_momentum("decay", 0.999 if decay is None else decay)
-            schedule = constant(_check_momentum("momentum", momentum))
-            copy_first = 1 if copy_first is None else copy_first
-        elif not callable(schedule):
-            raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
-        self.copy_first = _check_int("copy_first", 0 if copy_first is None else copy_first, 0)
-        if self.copy_first:
-            schedule = delayed(schedule, self.copy_first)
+        schedule, self.copy_first = _callback_schedule(momentum, decay, schedule, copy_first, copy_first_default=1)
         self.update_every_n_steps = _check_int("update_every_n_steps", update_every_n_steps, 1)
         self.update_starting_at_step = (
             None

@@ -412,3 +412,23 @@ def delayed(schedule: Schedule, start: int = 1) -> Schedule:
     if not callable(schedule):
         raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
     return _Delayed(schedule, _check_int("start", start, 0))
+
+
+def _callback_schedule(
+    momentum: object, decay: object, schedule: Schedule | None, copy_first: object, copy_first_default: int
+) -> tuple[Schedule, int]:
+    """The schedule of a callback that takes ``momentum``, ``decay = 1 - momentum`` or ``schedule`` (one of
+    them; none: ``decay=0.999``), delayed by ``copy_first`` updates (None: ``copy_first_default`` without a
+    schedule, 0 with one); and that ``copy_first``."""
+    given = [n for n, v in (("momentum", momentum), ("decay", decay), ("schedule", schedule)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of momentum, decay or schedule, got {', '.join(given)}")
+    if schedule is None:
+        if momentum is None:
+            momentum = 1.0 - _check_momentum("decay", 0.999 if decay is None else decay)
+        schedule = constant(_check_momentum("momentum", momentum))
+        copy_first = copy_first_default if copy_first is None else copy_first
+    elif not callable(schedule):
+        raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
+    copy_first = _check_int("copy_first", 0 if copy_first is None else copy_first, 0)
+    return (delayed(schedule, copy_first) if copy_first else schedule), copy_first

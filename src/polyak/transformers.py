@@ -27,7 +27,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from polyak.ema import EMA  # noqa: E402
-from polyak.schedules import Schedule, _check_int, _check_momentum, constant, delayed  # noqa: E402
+from polyak.schedules import Schedule, _callback_schedule  # noqa: E402
 
 __all__ = ["EMACallback"]
 
@@ -86,18 +86,7 @@ class EMACallback(TrainerCallback):
         predicate: Callable[[str, torch.Tensor], bool] | None = None,
         trainable_only: bool = False,
     ) -> None:
-        given = [n for n, v in (("momentum", momentum), ("decay", decay), ("schedule", schedule)) if v is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of momentum, decay or schedule, got {', '.join(given)}")
-        if schedule is None:
-            if momentum is None:
-                momentum = 1.0 - _check_momentum("decay", 0.999 if decay is None else decay)
-            schedule = constant(_check_momentum("momentum", momentum))
-        elif not callable(schedule):
-            raise TypeError(f"schedule must be a callable k -> momentum, got {schedule!r}")
-        self.copy_first = _check_int("copy_first", copy_first, 0)
-        if self.copy_first:
-            schedule = delayed(schedule, self.copy_first)
+        schedule, self.copy_first = _callback_schedule(momentum, decay, schedule, copy_first, copy_first_default=0)
         if final_dir is not None and not isinstance(final_dir, (str, os.PathLike)):
             raise TypeError(f"final_dir must be a folder name or None, got {final_dir!r}")
         self.schedule = schedule
