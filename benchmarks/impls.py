@@ -64,10 +64,18 @@ class Impl:
 
     def missing(self) -> list[str]:
         """The required modules that cannot be imported here."""
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return [m for m in self.requires if not _importable(m)]
 
     def applies_to(self, model: nn.Module) -> bool:
         return self.applies is None or self.applies(model)
+
+
+def _importable(module: str) -> bool:
+    if module == "timm":  # its EMA classes also come from its wheel where timm cannot be installed
+        from benchmarks.timm_ema import available
+
+        return available()
+    return importlib.util.find_spec(module) is not None
 
 
 IMPLS: dict[str, Impl] = {}
@@ -517,7 +525,7 @@ def _diffusers_ema(model: nn.Module, momentum: float) -> Step:
     alternative=True,
 )
 def _timm_ema(model: nn.Module, momentum: float) -> Step:
-    from timm.utils import ModelEmaV3
+    from benchmarks.timm_ema import load
 
-    ema = ModelEmaV3(model, decay=1.0 - momentum, use_warmup=False)
+    ema = load().ModelEmaV3(model, decay=1.0 - momentum, use_warmup=False)
     return functools.partial(ema.update, model)

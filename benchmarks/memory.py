@@ -96,7 +96,12 @@ def _one(impl: str, dtype: torch.dtype, params: int, timed: int) -> dict[str, An
     if missing:
         return {"status": "skipped", "reason": f"{', '.join(missing)} not installed"}
     for module in entry.requires:  # imported before the baseline: a library's import is not the EMA
-        __import__(module)
+        if module == "timm":
+            from benchmarks.timm_ema import load
+
+            load()
+        else:
+            __import__(module)
     __import__("polyak.posthoc")
     model = model_of(params, dtype)
     n = sum(p.numel() for p in model.parameters())

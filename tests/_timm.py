@@ -13,40 +13,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-WHEELS = ROOT / ".venv" / "wheels"
-_SOURCE = "timm/utils/model_ema.py"
+from benchmarks.timm_ema import load, wheel  # the one loader, shared with `make bench`
+
+__all__ = ["installed", "load", "wheel"]
 _NAMES = ("ModelEma", "ModelEmaV2", "ModelEmaV3")
-
-
-def wheel() -> Path:
-    """The newest timm wheel in ``.venv/wheels/``; FileNotFoundError (saying how to get one) if there is none."""
-    found = sorted(WHEELS.glob("timm-*.whl"))
-    if not found:
-        raise FileNotFoundError(f"no timm wheel in {WHEELS}: run `make install` (it downloads timm's wheel there)")
-    return found[-1]
-
-
-def load() -> types.ModuleType:
-    """timm's ``timm/utils/model_ema.py``, run from its wheel as a module of its own; ``sys.modules`` untouched."""
-    global _loaded
-    if _loaded is None:
-        path = wheel()
-        with zipfile.ZipFile(path) as z:
-            source = z.read(_SOURCE).decode("utf-8")
-        module = types.ModuleType("timm.utils.model_ema")
-        module.__file__ = f"{path}/{_SOURCE}"
-        module.__package__ = "timm.utils"
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
-        _loaded = module
-    return _loaded
-
-
-_loaded: types.ModuleType | None = None
 
 
 @contextlib.contextmanager
