@@ -598,12 +598,7 @@ class Compiled(Staged):
                         _compiled_master_update(c.numel)(c.acc.flat, source.flat, c.ema.flat, self.weight)
                 return
             except Exception as e:  # torch.compile needs a working compiler (a C++ one on the CPU)
-                warnings.warn(
-                    f"EMA(compile=True) could not compile its update ({type(e).__name__}: {e}); "
-                    "using the eager update instead",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
+                _warn_not_compiled(e)
                 self.fused = False
                 self.work_dtype = self.eager_work_dtype
         super().apply(m)
@@ -631,14 +626,18 @@ class CompiledSplit(Split):
                 )
                 return
             except Exception as e:  # torch.compile needs a working compiler (a C++ one on the CPU)
-                warnings.warn(
-                    f"EMA(compile=True) could not compile its update ({type(e).__name__}: {e}); "
-                    "using the eager update instead",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
+                _warn_not_compiled(e)
                 self.fused = False
         super().apply(m)
+
+
+def _warn_not_compiled(e: Exception) -> None:
+    """Say, once per kernel, that ``compile=True`` fell back to the eager update, and why."""
+    warnings.warn(
+        f"EMA(compile=True) could not compile its update ({type(e).__name__}: {e}); using the eager update instead",
+        RuntimeWarning,
+        stacklevel=6,
+    )
 
 
 def _master_update(master: Tensor, online: Tensor, ema: Tensor, weight: Tensor) -> None:
