@@ -3,15 +3,17 @@
 The ``Trainer`` has no EMA; this callback keeps a :class:`polyak.EMA` of the model through
 ``trainer.train()``: updated once per optimizer step (``on_step_end``: after gradient accumulation),
 evaluated with the EMA's weights, saved into every checkpoint folder as safetensors beside the model's
-files, restored by ``trainer.train(resume_from_checkpoint=...)``, and written at the end in the model's own
-``save_pretrained`` format, so that ``AutoModel.from_pretrained(folder)`` loads the averaged model.
+files, restored by ``trainer.train(resume_from_checkpoint=...)`` from the folder the Trainer resumes from,
+and written at the end in the model's own ``save_pretrained`` format, so that
+``AutoModel.from_pretrained(folder)`` loads the averaged model.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Sequence
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,9 @@ from polyak._extras import require
 require("transformers", "polyak.transformers")
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_model, save_file, save_model  # noqa: E402
-from torch import nn  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import save_file, save_model  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
@@ -34,13 +36,46 @@ __all__ = ["EMACallback"]
 logger = logging.get_logger(__name__)
 
 WEIGHTS_NAME = "ema.safetensors"
-"""The EMA's weights in a checkpoint folder (with its update count in the file's metadata)."""
+"""The EMA's weights in a checkpoint folder (with its update count in the file's metadata); a callback with
+``name="slow"`` writes ``ema-slow.safetensors``."""
 MASTERS_NAME = "ema_master.safetensors"
-"""The float32 masters of a low-precision model's EMA, beside it."""
+"""The float32 masters of a low-precision model's EMA, beside it (``ema_master-slow.safetensors``)."""
+FORMAT = "polyak.transformers"
+"""The ``format`` entry of the files' metadata."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_COUNT = re.compile(r"[0-9]{1,19}")
+
+
+class _FinalDir(str):
+    """The default ``final_dir``: ``"ema"``, or ``"ema-<name>"`` for a callback with a name."""
+
+    def __repr__(self) -> str:
+        return "'ema'"
+
+
+_FINAL_DIR = _FinalDir("ema")
 
 
 class EMACallback(TrainerCallback):
     """An exponential moving average of the model's weights, for ``transformers.Trainer``.
+
+    Hooks and what they do (the how-to page has the table of checkpoints and resuming):
+
+    * ``on_train_begin`` builds a new :class:`~polyak.EMA` of the model (``callback.ema``) at every
+      ``train()``, also when the callback was used before (for this model or another); resuming, it loads the
+      EMA from the folder the Trainer resumes from (``resume_from_checkpoint``, wherever it is), or, without
+      an EMA file there, starts it from the model's weights with a warning.
+    * ``on_step_end`` updates it once per optimizer step; before an evaluation the EMA's weights go into the
+      model (their values trade places, no copy), ``on_evaluate`` puts the online weights back, bit for bit.
+      ``trainer.evaluate()`` outside ``train()`` evaluates the model's own (online) weights.
+    * ``on_save`` writes the EMA into each checkpoint folder; ``on_train_end`` writes it with
+      ``save_pretrained`` into ``final_dir``. ``trainer.save_model()`` has no callback event: it writes the
+      online weights only (:meth:`save` writes the EMA beside them).
+
+    Several callbacks (two decays, say) keep their EMAs of the same model side by side: each is updated from
+    the online weights, each needs its own ``name`` (its own files), and at most one evaluates (the others
+    take ``evaluate=False``); otherwise ``train()`` refuses at its start.
 
     Args:
         momentum: weight of the online model in each update, in (0, 1); or ``decay = 1 - momentum``; neither:
@@ -49,6 +84,9 @@ class EMACallback(TrainerCallback):
         schedule: a callable ``k -> momentum`` (see :mod:`polyak.schedules`), instead of the two above.
         copy_first: how many updates copy the online weights before the averaging starts (a delayed start;
             see :class:`polyak.EMA`).
+        name: tells the files of several callbacks apart: ``ema-<name>.safetensors`` in the checkpoints,
+            ``final_dir`` ``"ema-<name>"``; None (one callback): ``ema.safetensors`` and ``"ema"``. Letters,
+            digits, ``.``, ``_`` and ``-``.
         evaluate: evaluate with the EMA's weights (the trainer's evaluations during ``train()``); the online
             weights are back, bit for bit, when the evaluation ends (``on_evaluate``) or, if it failed, at the
             next step, save or the end of training.
@@ -63,8 +101,10 @@ class EMACallback(TrainerCallback):
     Example:
         >>> from polyak.transformers import EMACallback
         >>> callback = EMACallback(decay=0.999)   # Trainer(..., callbacks=[callback])
-        >>> callback.ema is None
-        True
+        >>> callback.ema is None, callback.weights_name
+        (True, 'ema.safetensors')
+        >>> EMACallback(decay=0.9999, name="slow", evaluate=False).weights_name
+        'ema-slow.safetensors'
     """
 
     def __init__(
@@ -74,8 +114,9 @@ class EMACallback(TrainerCallback):
         decay: float | None = None,
         schedule: Schedule | None = None,
         copy_first: int = 0,
+        name: str | None = None,
         evaluate: bool = True,
-        final_dir: str | None = "ema",
+        final_dir: str | os.PathLike[str] | None = _FINAL_DIR,
         dtype: torch.dtype | None = None,
         handle_buffers: str = "copy",
         skip_nonfinite: bool = False,
@@ -87,11 +128,16 @@ class EMACallback(TrainerCallback):
         trainable_only: bool = False,
     ) -> None:
         schedule, self.copy_first = _callback_schedule(momentum, decay, schedule, copy_first, copy_first_default=0)
+        if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+            raise ValueError(
+                f"name must be None or letters, digits, '.', '_' and '-' (it is part of file names), got {name!r}"
+            )
         if final_dir is not None and not isinstance(final_dir, (str, os.PathLike)):
             raise TypeError(f"final_dir must be a folder name or None, got {final_dir!r}")
         self.schedule = schedule
+        self.name = name
         self.evaluate = bool(evaluate)
-        self.final_dir = final_dir
+        self.final_dir = f"ema-{name}" if isinstance(final_dir, _FinalDir) and name is not None else final_dir
         self._options: dict[str, Any] = dict(
             dtype=dtype,
             handle_buffers=handle_buffers,
@@ -104,61 +150,74 @@ class EMACallback(TrainerCallback):
             trainable_only=trainable_only,
         )
         self.ema: EMA | None = None
-        self._swap: Any = None
+        self._pending: Path | None = None  # load() before the EMA is built: the folder on_train_begin takes
+
+    @property
+    def weights_name(self) -> str:
+        """The file of this callback's EMA in a checkpoint folder: ``ema.safetensors``, or
+        ``ema-<name>.safetensors``."""
+        return WEIGHTS_NAME if self.name is None else f"ema-{self.name}.safetensors"
+
+    @property
+    def masters_name(self) -> str:
+        """The file of its float32 masters (a low-precision model's): ``ema_master.safetensors``, or
+        ``ema_master-<name>.safetensors``."""
+        return MASTERS_NAME if self.name is None else f"ema_master-{self.name}.safetensors"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(schedule={self.schedule!r}, name={self.name!r}, evaluate={self.evaluate})"
 
     # -- building, and resuming ----------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
-        if self.ema is None:
-            if model is None:
-                raise ValueError("EMACallback needs the model: the Trainer passes it to on_train_begin")
-            self.ema = EMA(model, schedule=self.schedule, **self._options)
-        if state.global_step > 0:  # resuming: the checkpoint of that step holds the EMA
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if (folder / WEIGHTS_NAME).is_file():
-                self.load(folder)
+        if model is None:
+            raise ValueError("EMACallback needs the model: the Trainer passes it to on_train_begin")
+        _Run.of(state).join(self)
+        found, folder = _trainer_resume_folder()
+        if not found:  # not called by a Trainer we know: its checkpoint of this step, in the usual place
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" if state.global_step > 0 else None
+        ema = EMA(model, schedule=self.schedule, **self._options)  # a new run, or a new model: a new EMA
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._load_into(ema, pending)
+        elif folder is not None:
+            folder = Path(folder)
+            if (folder / self.weights_name).is_file():
+                self._load_into(ema, folder)
             else:
                 logger.warning(
-                    f"polyak: resuming at step {state.global_step}, but {folder / WEIGHTS_NAME} does not exist: the "
-                    "EMA starts from the model's weights (call callback.load(checkpoint_folder) to take it from "
-                    "elsewhere)"
+                    f"polyak: resuming at step {state.global_step}, but {folder / self.weights_name} does not "
+                    "exist: the EMA starts from the model's weights (call callback.load(folder) before train() "
+                    "to take it from elsewhere)"
                 )
+        self.ema = ema
 
     # -- updating --------------------------------------------------------------------------------------------------
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._leave()
+        run = _Run.of(state)
+        run.leave()  # another callback's EMA may be in the model for the evaluation to come: update from ours
         if self.ema is not None:
             self.ema.update()
-            if self.evaluate and control.should_evaluate:
-                self._enter()  # the evaluation that follows this step runs with the EMA's weights
+        if control.should_evaluate:
+            run.enter()  # the evaluation that follows this step runs with the EMA's weights
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.evaluate and control.should_evaluate:
-            self._enter()
+        if control.should_evaluate:
+            _Run.of(state).enter()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._leave()
+        _Run.of(state).leave()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._leave()
-
-    def _enter(self) -> None:
-        if self._swap is None and self.ema is not None and self.ema.num_updates > 0:
-            self._swap = self.ema.swapped()
-            self._swap.__enter__()
-
-    def _leave(self) -> None:
-        swap, self._swap = self._swap, None
-        if swap is not None:
-            swap.__exit__(None, None, None)
+        _Run.of(state).leave()
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._leave()
+        _Run.of(state).leave()
         if self.ema is not None and state.is_world_process_zero:
             self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._leave()
+        _Run.of(state).leave()
         if self.ema is None or self.final_dir is None or not state.is_world_process_zero:
             return
         model = self.ema.ema_model
@@ -168,35 +227,185 @@ class EMACallback(TrainerCallback):
             self.save(Path(args.output_dir) / self.final_dir)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write the EMA into ``folder`` (created if missing): its weights as ``ema.safetensors`` (with the
-        update counts in the file's metadata) and, for a low-precision model, its float32 masters beside."""
-        assert self.ema is not None, "the EMA is built by on_train_begin"
+        """Write the EMA into ``folder`` (created if missing): its weights as :attr:`weights_name` (with the
+        update counts in the file's metadata) and, for a low-precision model, its float32 masters as
+        :attr:`masters_name`. Each file is written whole or not at all (a temporary file, renamed)."""
+        if self.ema is None:
+            raise RuntimeError("EMACallback.save(): no EMA yet (on_train_begin builds it)")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.ema.state_dict()
-        metadata = {"format": "polyak.transformers", "num_updates": str(state["num_updates"])}
-        metadata["num_skipped"] = str(state["num_skipped"])
-        save_model(self.ema.ema_model, str(folder / WEIGHTS_NAME), metadata=metadata)
-        if "master" in state:
-            save_file({k: v.contiguous() for k, v in state["master"].items()}, str(folder / MASTERS_NAME))
-        return folder / WEIGHTS_NAME
+        counts = {"num_updates": str(state["num_updates"]), "num_skipped": str(state["num_skipped"])}
+        metadata = {"format": FORMAT, **counts}
+        masters = state.get("master")
+        if masters:
+            tmp = folder / f".{self.masters_name}.{os.getpid()}.tmp"
+            save_file({k: v.contiguous() for k, v in masters.items()}, str(tmp), metadata=metadata)
+            os.replace(tmp, folder / self.masters_name)
+        elif (folder / self.masters_name).is_file():
+            (folder / self.masters_name).unlink()  # another run's, which would not match these weights
+        tmp = folder / f".{self.weights_name}.{os.getpid()}.tmp"
+        save_model(self.ema.ema_model, str(tmp), metadata=metadata)
+        os.replace(tmp, folder / self.weights_name)
+        return folder / self.weights_name
 
     def load(self, folder: str | os.PathLike[str]) -> None:
-        """Take the EMA from ``folder`` (written by :meth:`save`): weights, masters and counts, exactly."""
-        assert self.ema is not None, "the EMA is built by on_train_begin"
+        """Take the EMA from ``folder`` (written by :meth:`save`): weights, masters and counts, exactly.
+
+        Everything is read and checked (metadata, names, shapes, dtypes) before the EMA changes: a bad file
+        raises ``ValueError`` naming it, and the EMA is as it was. Before ``train()`` (no EMA yet), the folder
+        is checked now and loaded by ``on_train_begin``, in place of the checkpoint the Trainer resumes from.
+        """
         folder = Path(folder)
-        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != "polyak.transformers":
-            raise ValueError(f"{folder / WEIGHTS_NAME} was not written by polyak's EMACallback: {json.dumps(metadata)}")
-        weights = self.ema.ema_model
-        load_model(weights, str(folder / WEIGHTS_NAME))
-        state: dict[str, Any] = {
-            "num_updates": int(metadata["num_updates"]),
-            "num_skipped": int(metadata.get("num_skipped", 0)),
-            "ema_model": weights.state_dict(),
-        }
-        if (folder / MASTERS_NAME).is_file():
-            with safe_open(str(folder / MASTERS_NAME), framework="pt") as f:
-                state["master"] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        self.ema.load_state_dict(state)
+        if self.ema is None:
+            path = folder / self.weights_name
+            _count(path, _read(path)[0], "num_updates")  # a bad file: said now, not at the start of train()
+            self._pending = folder
+            return
+        self._load_into(self.ema, folder)
+
+    def _load_into(self, ema: EMA, folder: Path) -> None:
+        path = folder / self.weights_name
+        metadata, found = _read(path)
+        counts = {key: _count(path, metadata, key) for key in ("num_updates", "num_skipped")}
+        state: dict[str, Any] = {**counts, "ema_model": _match(path, found, ema.ema_model.state_dict())}
+        own_masters = ema.state_dict().get("master", {})
+        masters_path = folder / self.masters_name
+        if masters_path.is_file():
+            masters_metadata, masters = _read(masters_path)
+            # written with the weights (older files have no metadata): the masters of another save are refused
+            if masters_metadata and _count(masters_path, masters_metadata, "num_updates") != counts["num_updates"]:
+                raise ValueError(f"{masters_path} does not belong to {path}: its metadata is {masters_metadata}")
+            for k, v in masters.items():
+                if k in own_masters and v.dtype != own_masters[k].dtype:
+                    raise ValueError(f"{masters_path}[{k!r}] must be {own_masters[k].dtype}, got {v.dtype}")
+            state["master"] = masters
+        elif own_masters:
+            logger.warning(
+                f"polyak: {masters_path} does not exist: the float32 masters start from the low-precision "
+                f"weights of {path} (resuming is not exact)"
+            )
+        try:
+            ema.load_state_dict(state)  # checks the rest (names of the masters, shapes) before it writes
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{folder}: {e}") from e
+
+
+class _Run:
+    """The EMACallbacks of one ``train()``, kept on its ``TrainerState``: they write apart, at most one
+    evaluates, and its EMA goes into the model only after every callback updated from the online weights."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[EMACallback] = []
+        self._swap: Any = None
+
+    @staticmethod
+    def of(state: Any) -> _Run:
+        run = getattr(state, "_polyak_run", None)
+        if run is None:
+            run = _Run()
+            state._polyak_run = run  # an attribute, not a field: the state's JSON does not hold it
+        return run
+
+    def join(self, callback: EMACallback) -> None:
+        for other in self.callbacks:
+            if other is callback:
+                raise ValueError(f"{callback!r} is twice in the Trainer's callbacks: it would update twice a step")
+            if other.weights_name == callback.weights_name:
+                raise ValueError(
+                    f"two EMACallbacks in one Trainer write {callback.weights_name}: give each its own name=, "
+                    f"got name={callback.name!r} for both"
+                )
+            if other.final_dir is not None and other.final_dir == callback.final_dir:
+                raise ValueError(
+                    f"two EMACallbacks in one Trainer write final_dir={callback.final_dir!r}: give each its own"
+                )
+            if other.evaluate and callback.evaluate:
+                raise ValueError(
+                    f"two EMACallbacks evaluate ({other!r} and {callback!r}): an evaluation runs with one set of "
+                    "weights; give evaluate=False to all but one"
+                )
+        self.callbacks.append(callback)
+
+    def enter(self) -> None:
+        if self._swap is not None:
+            return
+        for callback in self.callbacks:
+            if callback.evaluate and callback.ema is not None and callback.ema.num_updates > 0:
+                self._swap = callback.ema.swapped()
+                self._swap.__enter__()
+                return
+
+    def leave(self) -> None:
+        swap, self._swap = self._swap, None
+        if swap is not None:
+            swap.__exit__(None, None, None)
+
+
+def _trainer_resume_folder() -> tuple[bool, str | os.PathLike[str] | None]:
+    """The folder the calling ``Trainer`` resumes from: (True, folder or None) when called from within its
+    training loop, (False, None) when not (another trainer, a later transformers that renamed its loop).
+
+    The Trainer passes that folder to no callback, and keeps it in neither ``args`` nor ``state``: it is the
+    ``resume_from_checkpoint`` argument of ``Trainer._inner_training_loop``, where ``train()`` has already
+    resolved ``True`` into the last checkpoint's folder."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
+            return True, frame.f_locals.get("resume_from_checkpoint")
+        frame = frame.f_back
+    return False, None
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The metadata and tensors of a safetensors file, read whole (no code runs), or a ValueError naming it."""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a safetensors file polyak can read: {e}") from e
+    return metadata, tensors
+
+
+def _count(path: Path, metadata: Mapping[str, str], key: str) -> int:
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} was not written by polyak's EMACallback: its metadata is {metadata}")
+    value = metadata.get(key, "0" if key == "num_skipped" else None)
+    if not isinstance(value, str) or not _COUNT.fullmatch(value):
+        raise ValueError(f"{path}: its metadata's {key} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _match(path: Path, found: Mapping[str, Tensor], own: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The file's tensors by the EMA model's names, each of its shape and dtype; a tied tensor (GPT-2's
+    ``lm_head`` is its ``wte``), which safetensors writes once, under either name."""
+
+    def key(t: Tensor) -> tuple:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+    names_of: dict[tuple, list[str]] = {}
+    for name, t in own.items():
+        if isinstance(t, Tensor):
+            names_of.setdefault(key(t), []).append(name)
+    out, missing = {}, []
+    for name, t in own.items():
+        twins = [n for n in names_of.get(key(t), []) if n in found] if isinstance(t, Tensor) else []
+        if name in found or twins:
+            out[name] = found[name if name in found else twins[0]]
+        else:
+            missing.append(name)
+    unexpected = sorted(set(found) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the EMA model: missing {missing}, unexpected {unexpected}")
+    for name, t in out.items():
+        want = own[name]
+        if isinstance(want, Tensor) and (t.shape != want.shape or t.dtype != want.dtype):
+            raise ValueError(
+                f"{path}[{name!r}] must be {want.dtype} of shape {tuple(want.shape)}, got {t.dtype} {tuple(t.shape)}"
+            )
+    return out
