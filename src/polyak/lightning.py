@@ -47,6 +47,11 @@ class _StepCounter:
         self._seen_steps += 1
         return True
 
+    def _sync_global_step(self, trainer: Trainer) -> None:
+        # when training starts (after a checkpoint restored the trainer's loops): a resumed run, or a second fit
+        # with a new Trainer whose global_step starts again at 0, counts its next optimizer step and no batch before
+        self._last_global_step = trainer.global_step
+
     def _counter_state(self) -> dict[str, int]:
         return {"seen_steps": self._seen_steps, "last_global_step": self._last_global_step}
 
@@ -78,6 +83,23 @@ class _Swapping:
         swap, self._swap = self._swap, None
         if swap is not None:
             swap.__exit__(None, None, None)
+
+
+def trainer_fn(pl_module: LightningModule) -> str:
+    """What the Trainer runs: "fit", "validate", "test" or "predict"."""
+    fn = pl_module.trainer.state.fn
+    return "fit" if fn is None else str(fn.value)
+
+
+def _key_of(momentum: object, decay: object, schedule: object) -> dict[str, object]:
+    """What tells two EMACallbacks apart in a checkpoint: the momentum, or the schedule by its name (a repr
+    with an address would change from process to process)."""
+    if schedule is None:
+        return {"momentum": float(momentum) if momentum is not None else 1.0 - float(0.999 if decay is None else decay)}  # type: ignore[arg-type]
+    text = repr(schedule)
+    if " at 0x" in text:
+        text = f"{getattr(schedule, '__module__', '')}.{getattr(schedule, '__qualname__', type(schedule).__qualname__)}"
+    return {"schedule": text}
 
 
 class EMACallback(_StepCounter, _Swapping, Callback):
@@ -200,8 +222,11 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             raise ValueError(
                 f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {handle_buffers!r}"
             )
-        if ema_model is not None and not callable(ema_model):
-            raise TypeError(f"ema_model must be a callable pl_module -> module, got {ema_model!r}")
+        if isinstance(ema_model, nn.Module) or (ema_model is not None and not callable(ema_model)):
+            raise TypeError(
+                "ema_model must be a callable pl_module -> module that builds the EMA module (e.g. "
+                f"lambda pl_module: Net()), got {type(ema_model).__name__} {ema_model!r}"
+            )
         self.evaluate = {"validate": bool(validate), "test": bool(test), "predict": bool(predict)}
         self.weights_at_end = weights_at_end
         self.schedule = schedule
@@ -225,6 +250,18 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         self._last_update_step = 0
         self._last_update_epoch = -1
         self._pending: dict[str, Any] = {}  # what a checkpoint holds for the EMA, until on_fit_start builds it
+        # the online weights while the module holds the EMA's after fit (weights_at_end="ema"): what a checkpoint
+        # written then calls current_model_state, and what a second fit of the same module trains on
+        self._online_aside: dict[str, torch.Tensor] | None = None
+        self._evaluating_checkpoint = False  # validate/test/predict(ckpt_path=...): the module holds the file's
+        self._first = True  # the first EMACallback of its Trainer (the one that writes state_dict)
+        self._key = _key_of(momentum, decay, schedule)
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in ``checkpoint["callbacks"]``: from its momentum or schedule, so
+        that two EMACallbacks of different momenta save apart (two alike are refused by Lightning)."""
+        return self._generate_state_key(**self._key)
 
     # -- when ------------------------------------------------------------------------------------------------
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
@@ -245,12 +282,49 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         )
 
     # -- building the EMA --------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._evaluating_checkpoint = False
+        ours = [c for c in trainer.callbacks if isinstance(c, EMACallback)]  # type: ignore[attr-defined]
+        self._first = not ours or ours[0] is self
+        if not self._first and (any(self.evaluate.values()) or self.weights_at_end == "ema"):
+            raise ValueError(
+                f"a second EMACallback in one Trainer must leave the module to the first ({ours[0]!r}): pass it "
+                "validate=False, test=False, predict=False, weights_at_end='online' (its EMA is saved in its own "
+                f"state), got {', '.join(f'{k}={v}' for k, v in self.evaluate.items())}, "
+                f"weights_at_end={self.weights_at_end!r} for {self!r}"
+            )
+        if stage == "fit" and self.ema is not None and self.ema.model is not pl_module:
+            rank_zero_info("polyak: this EMACallback fits another module: a new EMA of it (the previous is dropped)")
+            self._forget()
+
+    def _forget(self) -> None:
+        self.ema = None
+        self._seen_steps = self._last_global_step = self._last_update_step = 0
+        self._last_update_epoch = -1
+        self._pending = {}
+        self._online_aside = None
+        self._said_not_yet = False
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.ema is None:
-            ema_model = self._ema_model_factory(pl_module) if self._ema_model_factory is not None else None
+            ema_model = None
+            if self._ema_model_factory is not None:
+                ema_model = self._ema_model_factory(pl_module)
+                if not isinstance(ema_model, nn.Module):
+                    raise TypeError(
+                        f"ema_model must return the EMA module (an nn.Module), got {type(ema_model).__name__}"
+                    )
             self.ema = EMA(pl_module, schedule=self.schedule, ema_model=ema_model, **self._options)
+        elif self._online_aside is not None and self._holds_the_ema(pl_module):
+            # a second fit of the module that ended the first holding the EMA's weights: it trains on
+            rank_zero_info("polyak: a second fit of the same module: it trains on from its online weights")
+            pl_module.load_state_dict(self._online_aside)
+        self._online_aside = None
         if self._pending:
             self._restore()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_global_step(trainer)
 
     # -- updating ----------------------------------------------------------------------------------------------
     def on_train_batch_end(
@@ -272,26 +346,46 @@ class EMACallback(_StepCounter, _Swapping, Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave()
         if self.weights_at_end == "ema" and self.ema is not None and self.ema.num_updates > 0:
+            # kept aside: a checkpoint written from now on (ModelCheckpoint's last.ckpt runs after this hook)
+            # still knows the online weights, and a second fit trains on from them
+            self._online_aside = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             self.ema.copy_to(pl_module)
 
+    def _holds_the_ema(self, pl_module: LightningModule) -> bool:
+        """Whether the module holds the EMA's weights as ``on_train_end`` left them (not changed since)."""
+        assert self.ema is not None
+        ema = self.ema.ema_model.state_dict()
+        own = pl_module.state_dict()
+        return own.keys() == ema.keys() and all(torch.equal(v, ema[k].to(v.device)) for k, v in own.items())
+
     # -- evaluating with the EMA's weights ---------------------------------------------------------------------
+    def _evaluate_with_ema(self, stage: str, pl_module: LightningModule) -> None:
+        if not self.evaluate[stage] or self._evaluating_checkpoint:
+            return  # a checkpoint's evaluation: the module holds what the file's state_dict holds (the EMA's)
+        if self.ema is None or self.ema.model is not pl_module:
+            if not self._said_not_yet and trainer_fn(pl_module) != "fit":
+                rank_zero_info(
+                    "polyak: this EMACallback holds no EMA of this module (no fit of it, no ckpt_path): this "
+                    "evaluation uses the module's weights"
+                )
+                self._said_not_yet = True
+            return
+        self._enter(self.ema)
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.evaluate["validate"]:
-            self._enter(self.ema)
+        self._evaluate_with_ema("validate", pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave()
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.evaluate["test"]:
-            self._enter(self.ema)
+        self._evaluate_with_ema("test", pl_module)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave()
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.evaluate["predict"]:
-            self._enter(self.ema)
+        self._evaluate_with_ema("predict", pl_module)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave()
@@ -312,7 +406,7 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             if self._sharded():  # the EMA whole (a collective: Lightning asks every rank), masters included
                 with self._paused():
                     state["ema"] = self.ema.full_state_dict()
-            else:  # its weights are the checkpoint's state_dict (on_save_checkpoint)
+            else:  # its weights are the checkpoint's state_dict (on_save_checkpoint), or a second one's below
                 state["ema"] = {k: v for k, v in self._ema_state().items() if k != "ema_model"}
         return state
 
@@ -322,6 +416,8 @@ class EMACallback(_StepCounter, _Swapping, Callback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        if self._evaluating_checkpoint:
+            return  # validate/test/predict(ckpt_path=...) leave this callback's EMA and counters as they are
         counters = {
             k: _check_int(f"state_dict[{k!r}]", state_dict[k], -1)
             for k in ("last_update_step", "last_update_epoch")
@@ -352,30 +448,67 @@ class EMACallback(_StepCounter, _Swapping, Callback):
                 self._enter(self.ema)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.ema is None or self._sharded():
-            # outside fit: the module's own weights (after fit, the EMA's with weights_at_end="ema"); a sharded
-            # EMA: the strategy writes state_dict shard by shard, the online model's, and the EMA is in the
-            # callback's state, whole
+        if self.ema is None or self.ema.model is not pl_module or self._sharded():
+            # no EMA of this module: the module's own weights; a sharded EMA: the strategy writes state_dict shard
+            # by shard, the online model's, and the EMA is in the callback's state, whole
             return
-        if self._swap is None:
-            online = checkpoint.get("state_dict")
-            averaged = self.ema.ema_model.state_dict()
-        else:  # saved inside an evaluation: the module holds the EMA's weights, the EMA model the online ones
+        if not self._first:  # a second EMACallback: its weights in its own state, state_dict is the first's
+            own = checkpoint.get("callbacks", {}).get(self.state_key)
+            if own is not None and "ema" in own:
+                own["ema"]["ema_model"] = self._ema_state()["ema_model"]
+            return
+        if self._swap is not None:  # saved inside an evaluation: the module holds the EMA's weights
             averaged = checkpoint.get("state_dict")
             online = {k: v.detach().clone() for k, v in self.ema.ema_model.state_dict().items()}
+        else:
+            online = checkpoint.get("state_dict")
+            averaged = self.ema.ema_model.state_dict()
+            if self._online_aside is not None:
+                if self._holds_the_ema(pl_module):  # after fit (weights_at_end="ema"): the module holds the EMA's
+                    online = self._online_aside
+                else:  # changed since: the module's weights are its own
+                    self._online_aside = None
         checkpoint["current_model_state"] = online
         checkpoint["state_dict"] = averaged
+        # what Lightning's EMAWeightAveraging reads to resume from this file (AveragedModel's n_averaged)
+        device = next(iter(averaged.values())).device if averaged else None
+        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.num_updates, device=device)}
+
+    def _own_state(self, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return states[self.state_key]
+        # a file of another momentum or of an older polyak ("EMACallback"): taken when it is the only one
+        others = [v for k, v in states.items() if isinstance(k, str) and k.startswith("EMACallback")]
+        if len(others) == 1 and isinstance(others[0], Mapping) and "last_update_step" in others[0]:
+            self.load_state_dict(others[0])
+            return others[0]
+        return None
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._online_aside = None  # the module is loaded from the file
         online = checkpoint.get("current_model_state")
+        stage = trainer_fn(pl_module)
+        if stage != "fit":
+            # validate/test/predict(ckpt_path=...): the module has loaded the file's state_dict, the EMA's weights
+            # when an EMA callback wrote it; this callback's EMA (of a fit before) is not the file's
+            self._evaluating_checkpoint = True
+            if not self.evaluate.get(stage, True) and online is not None and self._first:
+                pl_module.load_state_dict(online)  # evaluation with the online weights asked for
+            return
+        own = self._own_state(checkpoint)
+        if not self._first:  # a second EMACallback leaves the module to the first
+            if own is None or "ema_model" not in own.get("ema", {}):
+                rank_zero_info(f"polyak: this checkpoint holds no state of {self!r}: its EMA starts from its weights")
+                self._pending["ema"] = {"num_updates": 0}
+                self._pending["weights"] = online if online is not None else checkpoint.get("state_dict")
+                self._restore_when_ready()
+            return
         if online is not None:
             pl_module.load_state_dict(online)  # the module loaded the EMA's weights from state_dict: undo that
-        own = [
-            v for v in checkpoint.get("callbacks", {}).values() if isinstance(v, Mapping) and "last_update_step" in v
-        ]
-        if own and "ema_model" in own[0].get("ema", {}):
+        if own is not None and "ema_model" in own.get("ema", {}):
             return  # a sharded EMA's checkpoint: the module holds its own weights, the callback's state the EMA
-        if not own:
+        if own is None:
             count = 0
             if online is not None and "averaging_state" in checkpoint:
                 count = int(checkpoint["averaging_state"].get("n_averaged", 0))
@@ -443,6 +576,9 @@ class PostHocEMACallback(_StepCounter, Callback):
         if self._pending is not None:
             self.posthoc.load_state_dict(self._pending)
             self._pending = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_global_step(trainer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
