@@ -24,12 +24,18 @@ hidden ``.ema-....safetensors.tmp-PID`` in the same folder), flushed to disk, re
 and the folder is flushed too. A crash mid-write leaves every earlier snapshot intact and no half-written
 file that looks like a snapshot (a stale ``*.tmp-*`` file may remain; delete it at will).
 
+A snapshot folder belongs to one run, and one object writes into it at a time (an exclusive lock on the
+folder, taken at the first write and dropped by :meth:`PostHocEMA.close`, garbage collection or the end of
+the process); a run resumed from an earlier checkpoint moves the abandoned timeline's later snapshots aside
+(see :meth:`PostHocEMA.load_state_dict`).
+
 The command line, ``python -m polyak posthoc``, is :func:`posthoc_main` (see :func:`add_posthoc_arguments`).
 """
 
 from polyak.posthoc._cli import CLI_DESCRIPTION, add_posthoc_arguments, posthoc_command, posthoc_main
 from polyak.posthoc._files import FORMAT, FORMAT_VERSION, Snapshot, list_snapshots, save_synthesized, snapshot_name
 from polyak.posthoc._ignite import PostHocEMAHandler
+from polyak.posthoc._lock import FolderInUse
 from polyak.posthoc._math import profile_inner_product, solve_weights
 from polyak.posthoc._synthesis import synthesize
 from polyak.posthoc._tracking import PostHocEMA
@@ -38,6 +44,7 @@ __all__ = [
     "CLI_DESCRIPTION",
     "FORMAT",
     "FORMAT_VERSION",
+    "FolderInUse",
     "PostHocEMA",
     "PostHocEMAHandler",
     "Snapshot",

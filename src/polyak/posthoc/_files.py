@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +50,49 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_replaceable(path: Path, arg: str = "path") -> None:
+    """Refuse a ``path`` that exists and is not a regular file: a write never replaces a link, a folder or a
+    special file (a device, a FIFO) with a file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+    raise ValueError(f"{arg} {str(path)!r} is {kind}: only a regular file (or a new path) is written over")
+
+
 def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write ``tensors`` to ``path`` so that ``path`` is either absent, its old self, or whole."""
+    """Write ``tensors`` to ``path`` so that ``path`` is either absent, its old self, or whole.
+
+    ``path`` must be a regular file or absent (checked before the write and again before the rename).
+    """
+    _check_replaceable(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' own error type for I/O failures (permission, disk full)
+            raise OSError(f"could not write {str(path)!r}: {e}") from e
         fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _check_replaceable(path)  # again: something may have appeared there during the write
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -142,6 +176,55 @@ def snapshot_runs(directory: Path) -> set[str]:
     return runs
 
 
+def _snapshots_after(directory: Path, run: str, t: int) -> list[Path]:
+    """The snapshot files of run ``run`` in ``directory`` taken after update ``t``, by name (files that are not
+    valid snapshots, and other runs' snapshots, are not this run's to move)."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.glob("*.safetensors")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            snapshot = _read_header(path)
+        except ValueError:
+            continue
+        if snapshot is not None and snapshot.run == run and snapshot.t > t:
+            found.append(path)
+    return found
+
+
+def _set_aside(paths: list[Path], directory: Path, t: int) -> tuple[Path, list[tuple[Path, Path]]]:
+    """Move ``paths`` into a new subfolder ``abandoned-after-t{t:010d}`` (``-2``, ``-3``, ... if taken) of
+    ``directory``; returns it and the moves, for :func:`_undo_moves`. All or nothing: a failure moves back."""
+    for i in itertools.count(1):
+        aside = directory / (f"abandoned-after-t{t:010d}" + (f"-{i}" if i > 1 else ""))
+        try:
+            aside.mkdir()
+        except FileExistsError:
+            continue
+        break
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for path in paths:
+            os.rename(path, aside / path.name)  # a new folder: nothing there to replace
+            moved.append((path, aside / path.name))
+        _fsync_dir(aside)
+        _fsync_dir(directory)
+    except BaseException:
+        _undo_moves(moved)
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+        raise
+    return aside, moved
+
+
+def _undo_moves(moved: list[tuple[Path, Path]]) -> None:
+    for source, dest in reversed(moved):
+        with contextlib.suppress(OSError):
+            os.rename(dest, source)
+
+
 def is_snapshot(path: Path) -> bool:
     """Whether ``path`` is a snapshot file (a synthesized file, or anything else, is not)."""
     if not path.is_file():
@@ -204,7 +287,9 @@ def save_synthesized(
 
     Args:
         state: tensors by name (shared or non-contiguous ones are copied), and modules' extra state (JSON).
-        path: the file to write; its folder must exist.
+        path: the file to write: a new path or a regular file (a symbolic link, a folder, a FIFO or a device
+            is refused, never replaced); its folder must exist. Written under a temporary name in that
+            folder, then renamed over ``path``.
         metadata: extra string metadata (e.g. ``sigma_rel`` and ``t``).
     """
     if not isinstance(state, Mapping):
@@ -214,9 +299,12 @@ def save_synthesized(
         extra_json = json.dumps(extra) if extra else None
     except (TypeError, ValueError) as e:
         raise ValueError(f"state must map names to tensors (or JSON extra state), got {sorted(extra)}: {e}") from None
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path must be a file path, got {path!r}")
     target = Path(path)
     if not target.parent.is_dir():
         raise ValueError(f"path {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    _check_replaceable(target)
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for name, value in state.items():

@@ -104,5 +104,9 @@ class PostHocEMAHandler:
         """Restore from :meth:`state_dict`."""
         self.posthoc.load_state_dict(state_dict)
 
+    def close(self) -> None:
+        """Give the snapshot folder back (:meth:`PostHocEMA.close`)."""
+        self.posthoc.close()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.posthoc!r})"

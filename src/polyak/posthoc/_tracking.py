@@ -6,6 +6,7 @@ import json
 import math
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -22,9 +23,12 @@ from polyak.posthoc._files import (
     FORMAT_VERSION,
     _atomic_save,
     _is_writer,
+    _set_aside,
+    _snapshots_after,
     snapshot_name,
     snapshot_runs,
 )
+from polyak.posthoc._lock import FolderClaim, FolderInUse, claim, current_key, give_back
 from polyak.schedules import _MAX_SIGMA_REL, _MIN_SIGMA_REL, _check_int, power_function
 
 
@@ -64,6 +68,13 @@ class PostHocEMA:
         directory: the snapshot folder; created (with parents) if missing. It belongs to one run: each
             snapshot carries the run's id (:attr:`run_id`, saved in :meth:`state_dict`), and a folder that
             holds another run's snapshots is refused at the first write, unless this one resumes that run.
+            One object writes into it at a time: the first write (or :meth:`load_state_dict`) claims the
+            folder with an exclusive lock (``flock`` on the folder itself, which the operating system drops
+            when the process ends, even killed), held until :meth:`close`, garbage collection or exit; a
+            second object, here or in another process, is refused with :class:`FolderInUse` naming the
+            folder. One exception: a run resumed with :meth:`load_state_dict` takes the folder over from an
+            object of the same run in this process (whose timeline it abandons; that one's writes are then
+            refused).
         handle_buffers, dtype, skip_nonfinite, device, include, exclude, predicate, trainable_only: keyword-only;
             passed to each :class:`~polyak.EMA` (the last four choose what is averaged: a LoRA adapter's
             post-hoc EMA costs the adapter only).
@@ -133,6 +144,7 @@ class PostHocEMA:
         # the id every snapshot of this run carries: a folder holding another run's is refused at the first write
         self.run_id = uuid.uuid4().hex
         self._folder_checked = False
+        self._claim: FolderClaim | None = None  # this object's lock on the folder, taken at the first write
         self.sigma_rels = sigmas
         self.handle_buffers = handle_buffers
         self.emas = [
@@ -185,23 +197,31 @@ class PostHocEMA:
         Raises:
             RuntimeError: before the first update (a profile at ``t = 0`` is empty).
             ValueError: the folder holds another run's snapshots (checked at the first write).
+            FolderInUse: (a ``ValueError``) another object, in this process or another, writes into the
+                folder; or this object's folder was taken over by a resumed run of the same id.
         """
         t = self.num_updates
         if t < 1:
             raise RuntimeError("no snapshot before the first update: the profiles are empty at t = 0")
         if not _is_writer():
             return []
-        if not self._folder_checked:
-            others = snapshot_runs(self.directory) - {self.run_id}
-            if others:
-                raise ValueError(
-                    f"directory {str(self.directory)!r} holds the snapshots of another run "
-                    f"({', '.join(sorted(r or '(no id)' for r in others))}), which a synthesis would mix with this "
-                    "one's: give this run an empty folder, or, to continue that run, load its state "
-                    "(PostHocEMA.load_state_dict) first"
-                )
-            self._folder_checked = True
+        if self._claim is not None and self._claim.revoked is not None:
+            raise FolderInUse(self._claim.revoked)
         self.directory.mkdir(parents=True, exist_ok=True)
+        unclaimed = self._claim is None or self._claim.key != current_key(self.directory)  # first write; new folder
+        if unclaimed or not self._folder_checked:
+            self._refuse_other_runs()
+            if unclaimed:
+                new, previous = claim(self.directory, self.run_id)
+                try:
+                    self._refuse_other_runs()  # again, under the lock: another run may have written meanwhile
+                except BaseException:
+                    give_back(new, previous)
+                    raise
+                if self._claim is not None:
+                    self._claim.release()  # the lock of a folder that was removed and made anew
+                self._claim = new
+            self._folder_checked = True
         written = []
         for sigma, gamma, ema in zip(self.sigma_rels, self.gammas, self.emas, strict=True):
             tensors, info, extra = _snapshot_tensors(ema, self.handle_buffers)
@@ -222,6 +242,34 @@ class PostHocEMA:
             written.append(path)
         return written
 
+    def _refuse_other_runs(self) -> None:
+        others = snapshot_runs(self.directory) - {self.run_id}
+        if others:
+            raise ValueError(
+                f"directory {str(self.directory)!r} holds the snapshots of another run "
+                f"({', '.join(sorted(r or '(no id)' for r in others))}), which a synthesis would mix with this "
+                "one's: give this run an empty folder, or, to continue that run, load its state "
+                "(PostHocEMA.load_state_dict) first"
+            )
+
+    def close(self) -> None:
+        """Give the snapshot folder back: another :class:`PostHocEMA` may write into it from now on.
+
+        Garbage collection and the end of the process do the same. The profiles stay usable; a later
+        snapshot claims the folder again (and is refused if another object holds it then). Also the exit of
+        a ``with PostHocEMA(...) as posthoc:`` block.
+        """
+        claimed = self._claim
+        if claimed is not None and claimed.revoked is None:  # a revoked claim keeps refusing this object's writes
+            claimed.release()
+            self._claim = None
+
+    def __enter__(self) -> PostHocEMA:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def state_dict(self) -> dict[str, Any]:
         """Each profile's :meth:`polyak.EMA.state_dict` and the profiles' widths; loads with ``weights_only``."""
         return {
@@ -236,7 +284,21 @@ class PostHocEMA:
 
         The profiles must match (same ``sigma_rels``, in order); everything is checked before anything
         changes. ``snapshot_every`` may differ from the saved run's. The run's id is restored too: its
-        snapshot folder is this run's again.
+        snapshot folder is this run's again, and this call claims it (see ``directory``): it is refused while
+        another process writes into the folder, and takes it over from an object of the same run in this
+        process (the run being resumed, whose later writes are then refused).
+
+        Resuming from an earlier checkpoint abandons the timeline that went on from it: the folder's
+        snapshots of this run taken after the restored update count ``t`` belong to a run that no longer
+        exists, and a synthesis must not mix them with the new timeline's. They are moved (not deleted) into
+        a new subfolder ``abandoned-after-t{t:010d}`` of the snapshot folder (``-2``, ``-3``, ... when
+        taken), where :func:`synthesize` does not look (``synthesize(that_folder, ...)`` still rebuilds the
+        abandoned timeline), and a ``UserWarning`` says how many went where. The new timeline writes its own
+        snapshots at those times. Snapshots at ``t`` and before are the common history and stay.
+
+        Raises:
+            FolderInUse: (a ``ValueError``) another object holds the folder (another process, or another run
+                in this process); nothing is changed.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -264,18 +326,38 @@ class PostHocEMA:
             raise ValueError(f"state_dict['emas'] must be a list of {len(self.emas)} EMA states, got {emas!r:.200}")
         # each EMA checks its state before changing anything; a later profile's failure undoes the earlier ones
         backups = [_clone_tree(ema.state_dict()) for ema in self.emas]
+        claimed: tuple[FolderClaim, FolderClaim | None] | None = None
+        aside, moved = None, []
         try:
             for ema, state in zip(self.emas, emas, strict=True):
                 ema.load_state_dict(state)
             counts = [ema.num_updates for ema in self.emas]
             if len(set(counts)) != 1:
                 raise ValueError(f"state_dict['emas'] must hold one update count for all profiles, got {counts}")
+            if _is_writer() and self.directory.is_dir():
+                claimed = claim(self.directory, run_id, take_over=True, mine=self._claim)
+                later = _snapshots_after(self.directory, run_id, counts[0])
+                if later:
+                    aside, moved = _set_aside(later, self.directory, counts[0])
         except BaseException:
+            if claimed is not None:
+                give_back(*claimed)
             for ema, backup in zip(self.emas, backups, strict=True):
                 ema.load_state_dict(backup)
             raise
+        if claimed is not None:
+            new, previous = claimed
+            if self._claim is not None and self._claim is not previous:
+                self._claim.release()  # a claim on a folder since replaced
+            self._claim = new
         if run_id != self.run_id:
             self.run_id, self._folder_checked = run_id, False
+        if moved:
+            warnings.warn(
+                f"resumed at update {counts[0]}: moved the {len(moved)} snapshots of the abandoned timeline (taken "
+                f"after it) from {str(self.directory)!r} into {str(aside)!r}, where synthesize() does not look",
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         return (
