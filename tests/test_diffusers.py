@@ -226,3 +226,65 @@ def test_offloaded_to_the_cpu_it_stays_there_and_stages_through_pinned_memory() 
     assert scratch and all(b.is_pinned() and b.numel() <= _kernels.CHUNK for b in scratch)
     for a, b in zip(offloaded.shadow_params, on_gpu.shadow_params, strict=True):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_requires_grad_is_read_at_every_step_as_diffusers() -> None:
+    """diffusers decides at each step() from ``requires_grad`` whether a parameter is averaged or copied: a part
+    frozen mid-run is copied from then on, a part unfrozen mid-run is averaged from its last copy."""
+    model = unet()
+    model.time_embedding.requires_grad_(False)  # frozen at construction, unfrozen at step 4
+    ours, theirs = EMAModel(model.parameters(), decay=0.9), DiffusersEMAModel(model.parameters(), decay=0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for step in range(8):
+        if step == 3:
+            model.conv_in.requires_grad_(False)
+            model.time_embedding.requires_grad_(True)
+            with torch.no_grad():
+                model.conv_in.weight.add_(0.5)  # a frozen part changed (loaded, say): copied, not averaged
+        clean, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+        t = torch.randint(0, 100, (4,), generator=g)
+        loss = (model(clean + noise, t).sample - noise).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ours.step(model.parameters())
+        theirs.step(model.parameters())
+        for i, (a, b) in enumerate(zip(ours.shadow_params, theirs.shadow_params, strict=True)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step + 1}, shadow {i}")
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    frozen, unfrozen = index[id(model.conv_in.weight)], index[id(model.time_embedding.linear_1.weight)]
+    assert torch.equal(ours.shadow_params[frozen], model.conv_in.weight)  # copied at each step since step 4
+    # averaged since step 4, from its last copy: 0.9 ** 5 of the gap to its step-3 value is still there
+    lag = (ours.shadow_params[unfrozen] - model.time_embedding.linear_1.weight).abs().max().item()
+    assert lag > 1e-3, lag
+
+
+def test_requires_grad_follow_keeps_bf16_masters_and_costs_one_tuple_compare() -> None:
+    """bf16: the float32 masters of the parameters that stay averaged survive a freeze elsewhere (bit for bit what
+    an EMA that saw no freeze holds); a step with an unchanged pattern re-pairs nothing."""
+    model, twin = unet(torch.bfloat16), unet(torch.bfloat16)
+    ema, reference = EMAModel(model.parameters(), decay=0.9), EMAModel(twin.parameters(), decay=0.9)
+    train(model, [ema], steps=3)
+    train(twin, [reference], steps=3)
+    model.conv_out.requires_grad_(False)
+    for m in (model, twin):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.125)
+    ema.step(model.parameters())
+    reference.step(twin.parameters())
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    frozen = {index[id(model.conv_out.weight)], index[id(model.conv_out.bias)]}
+    ours, theirs = ema.ema.state_dict()["master"], reference.ema.state_dict()["master"]
+    assert set(theirs) - set(ours) == {str(i) for i in frozen}  # copied now: no master
+    for i, (a, b) in enumerate(zip(ema.shadow_params, reference.shadow_params, strict=True)):
+        if i in frozen:
+            assert torch.equal(a, list(model.parameters())[i]) and not torch.equal(a, b)
+        else:
+            assert torch.equal(a, b) and torch.equal(ours[str(i)], theirs[str(i)]), i
+    builds = []
+    original = ema.ema.refresh
+    ema.ema.refresh = lambda: builds.append(1) or original()
+    ema.step(model.parameters())
+    assert builds == []

@@ -10,8 +10,9 @@ pinned staging copies, instead of the scripts' ``--offload_ema`` moving it back 
 
 from __future__ import annotations
 
+import operator
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -42,6 +43,17 @@ class _Tracked(nn.Module):
         return [self._parameters.get(str(i), self._buffers.get(str(i))) for i in range(count)]  # type: ignore[misc]
 
 
+def _clone(t: Tensor) -> Tensor:
+    copy = t.detach().clone()
+    return nn.Parameter(copy, requires_grad=False) if isinstance(t, nn.Parameter) else copy
+
+
+def _positions(requires_grad: tuple[bool, ...]) -> Callable[[str, Tensor], bool]:
+    """The selector of the positions averaged: those whose tensor requires grad."""
+    averaged = {str(i) for i, g in enumerate(requires_grad) if g}
+    return lambda name, _: name in averaged
+
+
 def _parameters(parameters: Any, what: str) -> list[Tensor]:
     if isinstance(parameters, nn.Module):
         warnings.warn(
@@ -61,8 +73,8 @@ class EMAModel:
 
     Args:
         parameters: the parameters to track (``unet.parameters()``), in the order ``step`` will get them.
-            Those with ``requires_grad=False`` at construction are not averaged: the EMA shows their current
-            values (diffusers copies them at each step).
+            As in diffusers, each :meth:`step` averages those with ``requires_grad=True`` at that step and
+            copies the others into their shadows (a part frozen or unfrozen mid-run is followed).
         decay: the largest decay (``momentum = 1 - decay`` in polyak's words).
         min_decay: the smallest decay.
         update_after_step: steps before the EMA starts averaging (until then it copies the weights).
@@ -138,12 +150,17 @@ class EMAModel:
         self.cur_decay_value: float | None = None
         self.temp_stored_params: list[Tensor] | None = None
         self._tracked = _Tracked(tensors)
-        trainable = {str(i) for i, t in enumerate(tensors) if t.requires_grad}
+        self._tensors = tensors  # what step() compares the parameters it gets with: the same objects, in order
+        self._requires_grad = tuple([t.requires_grad for t in tensors])
+        # shadows of their own for every tensor, as diffusers' clones: a frozen parameter's shadow is its value at
+        # the last step (copied then), and one unfrozen later is averaged from there
+        shadows = _Tracked([_clone(t) for t in tensors])
         self.ema = EMA(
             self._tracked,
             handle_buffers="update",
             dtype=dtype,
-            predicate=lambda name, p: name in trainable,
+            ema_model=shadows,
+            predicate=_positions(self._requires_grad),
         )
         if device is not None:
             self.to(device=device)
@@ -207,21 +224,43 @@ class EMAModel:
         self.ema.load_state_dict(state)
 
     def step(self, parameters: Iterable[nn.Parameter]) -> None:
-        """One EMA update with the decay of the next step (the weights of ``parameters``, as at construction)."""
+        """One EMA update with the decay of the next step, as diffusers': each parameter with
+        ``requires_grad=True`` *now* is averaged, each other one copied into its shadow."""
         tensors = _parameters(parameters, "step")
-        tracked = self._tracked.tensors()
-        if len(tensors) != len(tracked):
-            raise ValueError(f"step() got {len(tensors)} parameters, this EMA tracks {len(tracked)}")
-        for i, (t, old) in enumerate(zip(tensors, tracked, strict=True)):
-            if t is not old:  # other objects (a model rebuilt, say): the EMA follows them from now on
-                if isinstance(t, nn.Parameter):
-                    self._tracked._parameters[str(i)] = t
-                else:
-                    self._tracked._buffers[str(i)] = t
+        if len(tensors) != len(self._tensors):
+            raise ValueError(f"step() got {len(tensors)} parameters, this EMA tracks {len(self._tensors)}")
+        if not all(map(operator.is_, tensors, self._tensors)):
+            self._follow(tensors)
+        # diffusers decides averaged-or-copied from requires_grad at every step: one tuple compare here, a new
+        # pairing only when the pattern changed (a part frozen or unfrozen)
+        requires_grad = tuple([t.requires_grad for t in tensors])
+        if requires_grad != self._requires_grad:
+            self._select(requires_grad)
         self.optimization_step += 1
         decay = self.get_decay(self.optimization_step)
         self.cur_decay_value = decay
         self.ema.update(momentum=1.0 - decay)
+
+    def _follow(self, tensors: list[Tensor]) -> None:
+        """Other objects than last time (a model rebuilt, say): the EMA follows them from now on."""
+        for i, t in enumerate(tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"parameters must be tensors, got {type(t).__name__} at position {i}")
+        for i, t in enumerate(tensors):
+            if t is not self._tensors[i]:
+                if isinstance(t, nn.Parameter):
+                    self._tracked._parameters[str(i)] = t
+                else:
+                    self._tracked._buffers[str(i)] = t
+        self._tensors = tensors
+
+    def _select(self, requires_grad: tuple[bool, ...]) -> None:
+        """Average the positions that require grad, copy the others (masters kept where they stay averaged; a
+        newly averaged one starts from its shadow, as diffusers' does)."""
+        # polyak.EMA decides its selection at construction; the adapter re-decides it (core: EMA._selected)
+        self.ema._selected = _positions(requires_grad)
+        self.ema.refresh()
+        self._requires_grad = requires_grad
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
