@@ -104,6 +104,16 @@ def flatten(tensors: list[Tensor]) -> Tensor:
     return flat
 
 
+def scripted_owners(modules: list[nn.Module], names: list[str]) -> set[str]:
+    """Those of ``names`` (tensors of each of ``modules``) whose owning module is a TorchScript module in any."""
+    out = set()
+    for name in names:
+        owner = name.rpartition(".")[0]
+        if any(isinstance(m.get_submodule(owner), torch.jit.ScriptModule) for m in modules):
+            out.add(name)
+    return out
+
+
 def compact_state_dicts(module: nn.Module, names: list[str]) -> None:
     """``state_dict()`` of the modules owning flattened tensors returns copies, each with its own storage, so
     that ``torch.save`` of a submodule's state writes that submodule only and safetensors accepts it."""

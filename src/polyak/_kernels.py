@@ -17,6 +17,7 @@ lives now. Private buffers (float32 masters, scratch, a flat buffer) are the ker
 from __future__ import annotations
 
 import abc
+import operator
 import types
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ import torch
 from torch import Tensor
 
 from polyak._sharding import local
+
+
+_DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
 
 
 @dataclass
@@ -127,6 +131,20 @@ class Kernel(abc.ABC):
         self.ema_dtype = ema.views[0].dtype
         self._plan: list[Chunk] | None = None
         self._pieces: list[tuple[Tensor, int]] = []  # the tensors read in pieces, and their data's address
+        self._seen = self._look()
+
+    def _look(self) -> list[Any] | None:
+        """What the update needs to stay as it was of the online tensors it reads as objects (not through a
+        flat buffer, whose views leaving it the EMA notices): their dtypes and shapes, which a ``.data``
+        assigned by hand may change."""
+        if self.sharded is not None or self.online.flat is not None:
+            return None
+        return list(map(_DTYPE_AND_SHAPE, self.online.views))
+
+    def stale(self) -> bool:
+        """Whether the online tensors changed in a way the update cannot follow as it is (the EMA re-pairs
+        then, before anything is written)."""
+        return self._seen is not None and self._look() != self._seen
 
     def refetch(self) -> None:
         if self.sharded is not None:
@@ -243,6 +261,12 @@ class Kernel(abc.ABC):
     def accumulator(self) -> Buf:
         return self.master if self.master is not None else self.ema
 
+    def clear_for_copy(self) -> None:
+        """Before an update of momentum 1 (a copy): the average made zero, every part of it. A lerp of weight 1
+        computes ``online - (online - acc) * 0``, NaN wherever the average held NaN or Inf; from zero it is the
+        online value, exactly."""
+        torch._foreach_zero_(self.accumulator.views)
+
 
 def apply_together(kernels: list[Kernel], momenta: list[float]) -> None:
     """Alike kernels of several EMAs of one model (same tensors, layouts and kernel type), chunk by chunk:
@@ -285,6 +309,11 @@ class Gathered(Kernel):
         super().__init__(names, online, ema, None)
         assert ema.flat is not None and all(t.dim() == 1 for t in online.views)
         self.scratch: list[Tensor] = []
+
+    def _look(self) -> list[Any] | None:
+        """The online tensors' data pointers (half the cost of their dtypes and shapes, for many tensors): a
+        ``.data`` assigned by hand moves them; ``torch.cat`` reads any dtype."""
+        return list(map(Tensor.data_ptr, self.online.views))
 
     def staged(self, c: Chunk) -> Buf:
         if not self.scratch:
@@ -550,6 +579,12 @@ class Split(Staged):
         high, low = self._halves(value, self.device)
         self.ema.views[i].copy_(high)
         self.low.views[i].copy_(low)
+
+    def clear_for_copy(self) -> None:
+        """Both halves: a zero high half over the old low half joins into a float32 of the low bits alone (a
+        NaN where they are negative)."""
+        torch._foreach_zero_(self.ema.views)
+        self.low.flat.zero_()  # type: ignore[union-attr]
 
     def revalidate(self, changed: list[int]) -> None:
         """The EMA model's value of a tensor someone wrote into is its average now: its low half is zero."""

@@ -21,6 +21,8 @@ import copy
 import fnmatch
 import itertools
 import operator
+import sys
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,10 +37,21 @@ _chain = itertools.chain.from_iterable
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose tensors are averaged: ``model.module`` for DataParallel and DistributedDataParallel."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
+    """The module whose tensors are averaged: ``model.module`` for DataParallel and DistributedDataParallel,
+    the original module of a ``torch.compile``'d one (whose names start with ``_orig_mod.``), in any nesting."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    compiled = sys.modules.get("torch._dynamo.eval_frame")  # loaded by torch.compile: not before it is used
+    kind = getattr(compiled, "OptimizedModule", None)
+    return kind is not None and isinstance(model, kind) and isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
 def named_tensors(module: nn.Module) -> OrderedDict[str, tuple[Tensor, bool]]:
@@ -61,6 +74,22 @@ def _all_finite(t: Tensor) -> bool:
 def averaged_kind(t: Tensor) -> bool:
     """Whether a tensor's values can be averaged: floating point or complex (integers are copied)."""
     return t.is_floating_point() or t.is_complex()
+
+
+UNAVERAGEABLE = frozenset(
+    getattr(torch, name)
+    for name in (
+        "complex32",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    )
+    if hasattr(torch, name)
+)
+"""Floating and complex dtypes without arithmetic in torch (no ``lerp``): refused where they would be averaged."""
 
 
 # -- choosing what is averaged ------------------------------------------------------------------------------
@@ -142,6 +171,61 @@ def _fresh(t: Tensor, device: torch.device | None) -> Tensor:
     return out.copy_(t.detach())
 
 
+class SharedGuard:
+    """Refuses a load into the EMA model (or any submodule of it) that would write another value into a tensor
+    it shares with the model (a parameter that is not averaged), before anything is loaded: the write would
+    change the model. The same values load (a checkpoint of the EMA model taken in this run), and so does
+    ``assign=True`` (the EMA model then holds tensors of its own, which the next update copies from the model).
+
+    :meth:`watch` sets the shared tensors (by name, the model's) and hooks every module of the EMA model once;
+    the hooks hold weak references, so that a deep copy of the EMA model is not guarded by them."""
+
+    def __init__(self) -> None:
+        self.shared: dict[str, Tensor] = {}
+        self._hooked: set[int] = set()
+
+    def watch(self, ema_module: nn.Module, shared: dict[str, Tensor]) -> None:
+        self.shared = shared
+        if not shared:
+            return
+        for prefix, module in ema_module.named_modules(remove_duplicate=False):
+            if id(module) not in self._hooked:
+                module.register_load_state_dict_pre_hook(_Hook(self, module, prefix))
+                self._hooked.add(id(module))
+
+
+class _Hook:
+    def __init__(self, guard: SharedGuard, module: nn.Module, prefix: str) -> None:
+        self.guard = weakref.ref(guard)
+        self.module = weakref.ref(module)
+        self.prefix = prefix + "." if prefix else ""
+
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:  # type: ignore[no-untyped-def]
+        guard = self.guard()
+        if prefix or guard is None or module is not self.module():
+            return  # not where this load started (its start checked the whole), or a copy of the EMA model
+        if local_metadata.get("assign_to_params_buffers", False):
+            return  # tensors assigned, not written into
+        for name, online in guard.shared.items():
+            if not name.startswith(self.prefix):
+                continue
+            value = state_dict.get(name[len(self.prefix) :])
+            if isinstance(value, Tensor) and not _same_values(value, online):
+                raise RuntimeError(
+                    f"cannot load {name!r} into the EMA model: it is not averaged (include=/exclude=/predicate=/"
+                    "trainable_only=) and the EMA model shares it with the model, so the load would overwrite "
+                    "the model's own tensor. Load it into the model instead, leave it out of this state_dict, or "
+                    "load with assign=True"
+                )
+
+
+def _same_values(value: Tensor, online: Tensor) -> bool:
+    if value.shape != online.shape or value.device.type == "meta":
+        return True  # not a value: the load itself says what is wrong with it
+    with torch.no_grad():
+        return bool(torch.equal(value.to(device=online.device, dtype=online.dtype), online))
+
+
 # -- pairing ------------------------------------------------------------------------------------------------
 @dataclass
 class Pair:
@@ -206,6 +290,12 @@ def pair(
         else:
             # a buffer holding -inf or inf (an attention mask) would average into NaN (inf - inf): copied
             role = "lerp" if handle_buffers == "update" and _all_finite(t) else "copy"
+        if role == "lerp" and t.dtype in UNAVERAGEABLE:
+            raise TypeError(
+                f"the model's {_what(t, is_param)} {name!r} cannot be averaged: torch has no arithmetic for "
+                f"{t.dtype} tensors (the update would fail). Keep it out of the average (exclude={name!r}), or "
+                "keep the model in a dtype torch computes in (float32, bfloat16, float16, complex64)"
+            )
         # a copied buffer may change shape (a cache that grows): its copy follows; anything else must match
         resized = role == "copy" and not is_param and t.shape != e.shape
         if (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -13,11 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from polyak import _sharding as sharding
-from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable
+from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable, scripted_owners
 from polyak._kernels import Buf, Compiled, CompiledSplit, Gathered, Kernel, Lerp, Split, Staged, Stochastic
 from polyak._tracking import (
     Pair,
     Selector,
+    UNAVERAGEABLE,
+    SharedGuard,
+    averaged_kind,
     Structure,
     canaries,
     copy_model,
@@ -191,7 +195,9 @@ class EMA:
             raise ValueError(
                 f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {handle_buffers!r}"
             )
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in UNAVERAGEABLE
+        ):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if stochastic_rounding and dtype != torch.bfloat16:
             raise ValueError(
@@ -249,6 +255,8 @@ class EMA:
         self._seed = seed
         self._flat_storages: set[int] = set()  # the flat buffers of flat mode: their views may move into new ones
         self._given_ema_model = ema_model is not None
+        self._shared_guard = SharedGuard()
+        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # by hook(): one hook each
 
         online = unwrap_model(model)
         if ema_model is None:
@@ -361,7 +369,10 @@ class EMA:
     def _build_now(self, keep_masters: bool) -> None:
         previous = self._masters_by_name() if keep_masters else {}
         pairs = pair(unwrap_model(self.model), unwrap_model(self.ema_model), self.handle_buffers, self._selected)
+        self._materialise(pairs)
         self._separate(pairs)
+        self._unmaterialised = [p.name for p in pairs if p.online.device.type == "meta" and p.role != "keep"]
+        self._shared_guard.watch(unwrap_model(self.ema_model), {p.name: p.online for p in pairs if p.role == "share"})
         groups: dict[tuple[Any, ...], list[Pair]] = {}
         for p in pairs:
             if p.role == "lerp":
@@ -382,6 +393,25 @@ class EMA:
         self._restore_masters(previous)
         self._watch()
 
+    def _materialise(self, pairs: list[Pair]) -> None:
+        """Deferred initialisation: an EMA built from a model on the meta device (before ``to_empty()``) holds no
+        values. Once the model's tensors have them, the EMA model's are made where they belong and start from
+        the model's values, as at construction."""
+        made: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for p in pairs:
+                if p.ema.device.type == "meta" and p.online.device.type != "meta":
+                    device = self.device if self.device is not None else p.online.device
+                    t = torch.empty_like(p.online, device=device, dtype=p.ema.dtype).copy_(p.online)
+                    made[id(p.ema)] = nn.Parameter(t, requires_grad=False) if p.is_param else t
+                    p.ema = made[id(p.ema)]
+        if made:  # registered anew (a meta tensor's data cannot be set), tied tensors alike
+            for module in unwrap_model(self.ema_model).modules():
+                for registry in (module._parameters, module._buffers):
+                    for leaf, value in registry.items():
+                        if value is not None and id(value) in made:
+                            registry[leaf] = made[id(value)]  # type: ignore[assignment]
+
     def _separate(self, pairs: list[Pair]) -> None:
         """The EMA model shares memory only where it is meant to: a parameter that is not averaged views the
         model's data (again, after the model's tensor was replaced alike); an averaged or copied tensor that
@@ -400,13 +430,21 @@ class EMA:
 
     def _kernels_for(self, members: list[Pair]) -> list[Kernel]:
         """The kernel(s) of one group: in flat mode, the flattenable tensors get a flat one."""
-        if self.flat and not sharding.is_dtensor(members[0].online):
-            flat, rest = flattenable(members, self._flat_storages)
+        if sharding.is_dtensor(members[0].online):
+            return [self._kernel(members, flat=False)]
+        # TorchScript modules take no state_dict hook (which a flat buffer's views need): theirs stay as they are
+        scripted = scripted_owners([unwrap_model(self.model), unwrap_model(self.ema_model)], [p.name for p in members])
+        movable = [p for p in members if p.name not in scripted]
+        fixed = [p for p in members if p.name in scripted]
+        if self.flat:
+            flat, rest = flattenable(movable, self._flat_storages) if movable else ([], [])
+            rest += fixed
             out = [self._kernel(flat, flat=True)] if flat else []
             return out + ([self._kernel(rest, flat=False)] if rest else [])
-        if not sharding.is_dtensor(members[0].online) and self._reads_as_is(members[0]):
-            small, rest = gatherable(members, self._flat_storages)
+        if self._reads_as_is(members[0]) and movable:
+            small, rest = gatherable(movable, self._flat_storages)
             if small:
+                rest += fixed
                 return [self._gathered(small)] + ([self._kernel(rest, flat=False)] if rest else [])
         return [self._kernel(members, flat=False)]
 
@@ -485,6 +523,7 @@ class EMA:
             and not self.skip_nonfinite
             and not self._fsdp_ema
             and not self._fsdp_online
+            and not self._unmaterialised
         )
         if self._simple:
             self._simple_ema, self._simple_online = self._kernels[0].ema.views, self._kernels[0].online.views
@@ -503,7 +542,7 @@ class EMA:
         """Each master's values by tensor name, with how they were rounded into the EMA model."""
         out = {}
         for k in getattr(self, "_kernels", []):
-            if k.has_master:
+            if k.has_master and k.ema.views[0].device.type != "meta":  # a meta master holds nothing to keep
                 out.update({n: (v, k.round_master) for n, v in zip(k.names, k.master_values(), strict=True)})
         return out
 
@@ -543,7 +582,11 @@ class EMA:
             # FSDP2 registers its gathered parameters in place of the sharded ones while they are in use (a
             # forward outside training keeps the root's so): the shards are what the EMA pairs
             sharding.reshard(self._fsdp_online + self._fsdp_ema)
-        if not self._structure.unchanged() or any(storage_users(t) < n for t, n in self._flat_users):
+        if (
+            not self._structure.unchanged()
+            or any(storage_users(t) < n for t, n in self._flat_users)
+            or any(k.stale() for k in self._kernels)
+        ):
             self._build()
         elif self._master_kernels and (now := self._master_versions()) != self._versions:
             self._revalidate_masters(now)
@@ -584,9 +627,7 @@ class EMA:
             steps = _check_int("steps", steps, 1)
         k = self.num_updates + 1
         if momentum is None:
-            m = float(self.schedule(k))
-            if not 0.0 <= m <= 1.0:
-                raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
+            m = self._scheduled(k)
         else:
             m = _check_momentum("momentum", momentum, closed=True)
         if steps != 1:
@@ -595,7 +636,7 @@ class EMA:
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            if self._simple and self._structure.unchanged():
+            if self._simple and self._structure.unchanged() and not self._kernels[0].stale():
                 # the common case, as directly as it goes: it is all of a small model's update
                 if m == 1.0:  # a copy, exactly (lerp's weight 1 keeps a NaN or Inf the EMA held: see _fold)
                     torch._foreach_copy_(self._simple_ema, self._simple_online)
@@ -616,6 +657,12 @@ class EMA:
 
     def _fold(self, m: float, k: int) -> bool:
         """The update of every group; False where ``skip_nonfinite`` skipped it."""
+        if self._unmaterialised:
+            raise RuntimeError(
+                f"the model's tensor {self._unmaterialised[0]!r} is on the meta device: it holds no values to "
+                "average yet (a model built on 'meta' is materialised with model.to_empty(device=...) and then "
+                "initialised or loaded; the EMA follows it then)"
+            )
         self._refetch()
         if self.skip_nonfinite and self._skips(k):
             return False
@@ -631,7 +678,7 @@ class EMA:
         weight 1 computes ``online - (online - acc) * 0``: NaN wherever the average held NaN or Inf (an EMA
         copied from weights not yet loaded); from zero it is the online value, exactly."""
         for kernel in self._kernels:
-            torch._foreach_zero_(kernel.accumulator.views)
+            kernel.clear_for_copy()
 
     def _finish(self) -> None:
         """What follows the lerps: copied tensors, the version records of the masters, FSDP2's reshard."""
@@ -657,13 +704,16 @@ class EMA:
         return True
 
     def _online_is_finite(self) -> bool:
-        """Whether every value the update reads is finite: the averaged ones and the copied ones (buffers).
+        """Whether the update reads only values it may: no NaN or Inf among the averaged ones, no NaN among the
+        copied ones (buffers). An infinity is a value to copy (an attention mask of ``-inf``): a copy does not
+        accumulate it, and the next update copies again.
 
         A sum (a flat buffer) or a 2-norm (a list) carries any NaN or Inf into its result and runs at memory
         speed; only where it is not finite (a non-finite value, or a finite sum that overflowed) does an exact
-        check decide. A max-abs norm would decide alone, but runs ~8x slower than the update on the CPU.
+        check decide. A max-abs norm would decide alone, but runs ~8x slower than the update on the CPU. For the
+        copied values, a 1-norm is NaN exactly where a value is.
         """
-        copied = [t for t in self._copy_online if t.is_floating_point() or t.is_complex()]
+        copied = [t for t in self._copy_online if (t.is_floating_point() or t.is_complex()) and t.numel()]
 
         def probe(source: Buf, exact: bool) -> Tensor:
             if source.flat is not None:
@@ -675,8 +725,9 @@ class EMA:
             return torch.isfinite(torch.stack(norms)).all()
 
         def all_finite(exact: bool) -> Tensor:
-            sources = [k.online for k in self._kernels] + ([Buf(copied)] if copied else [])
-            flags = [probe(s, exact).to("cpu") for s in sources]
+            flags = [probe(k.online, exact).to("cpu") for k in self._kernels]
+            if copied:
+                flags.append(torch.stack(torch._foreach_norm(copied, ord=1)).isnan().any().logical_not().to("cpu"))
             return torch.stack(flags).all() if flags else torch.tensor(True)
 
         finite = all_finite(exact=False)
@@ -689,7 +740,20 @@ class EMA:
     def momentum_at(self, k: int) -> float:
         """The momentum of update ``k`` (1-based) under this EMA's schedule."""
         k = _check_int("k", k, 1)
-        return float(self.schedule(k))
+        return self._scheduled(k)
+
+    def _scheduled(self, k: int) -> float:
+        """The schedule's momentum of update ``k``, checked: a real number in [0, 1]."""
+        value = self.schedule(k)
+        if type(value) is float and 0.0 <= value <= 1.0:  # the common case, at the cost of a comparison
+            return value
+        try:
+            return _check_momentum("momentum", value, closed=True)
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"schedule must return a momentum in [0, 1] (a real number), got {value!r} for update {k} from "
+                f"schedule={self.schedule!r}"
+            ) from None
 
     # -- using the average --------------------------------------------------------------------------
     def _refuse_when_swapped(self, what: str) -> None:
@@ -835,11 +899,17 @@ class EMA:
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer in self._hooked:
+            raise RuntimeError(
+                f"ema.hook() was already called with this optimizer ({type(optimizer).__name__}): a second hook would "
+                "update the EMA twice per step; remove the first handle (handle.remove()) to hook it again"
+            )
         before = optimizer.register_step_pre_hook(
             lambda opt, args, kwargs: self._refuse_when_swapped("optimizer.step() with ema.hook(optimizer)")
         )
         after = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.update())
-        return _Handles([before, after])
+        self._hooked.add(optimizer)
+        return _Handles([before, after], lambda: self._hooked.discard(optimizer))
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -999,12 +1069,15 @@ class EMA:
 class _Handles:
     """Several hook handles removed together (:meth:`EMA.hook`)."""
 
-    def __init__(self, handles: list[Any]) -> None:
+    def __init__(self, handles: list[Any], forget: Callable[[], None] | None = None) -> None:
         self.handles = handles
+        self._forget = forget
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        if self._forget is not None:
+            self._forget()
 
     def __enter__(self) -> _Handles:
         return self
@@ -1057,4 +1130,8 @@ def _check_tensors(what: str, tensors: object, own: Mapping[str, Any]) -> None:
         if not isinstance(t, Tensor) or t.shape != own[name].shape:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{what}[{name!r}] must be a tensor of shape {tuple(own[name].shape)}, got {got}")
+        if t.device.type == "meta":
+            raise ValueError(f"{what}[{name!r}] is a tensor on the meta device: it holds no values to load")
+        if averaged_kind(t) != averaged_kind(own[name]) or (t.is_complex() and not own[name].is_complex()):
+            raise ValueError(f"{what}[{name!r}] must hold values of {own[name].dtype}, got {t.dtype}")
         sharding.check_shard_origin(what, name, t, own[name])

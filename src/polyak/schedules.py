@@ -376,7 +376,7 @@ class _Delayed(_Saved):
 
     def __call__(self, k: int) -> float:
         k = _index(k)
-        return 1.0 if k <= self.start else float(self.schedule(k - self.start))
+        return 1.0 if k <= self.start else self.schedule(k - self.start)  # checked by its user
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": type(self).__name__, "start": self.start, "inner": _describe(self.schedule)}
