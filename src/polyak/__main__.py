@@ -12,16 +12,22 @@ status; adding a command is adding such a function to ``_COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from polyak import __version__
+
+if TYPE_CHECKING:
+    from polyak.demo import DemoResult
 
 __all__ = ["build_parser", "main"]
 
 _N = TypeVar("_N", int, float)
 _AUTO = "auto"
+_DIGITS = 1797  # images in scikit-learn's digits: the held-out split must leave some on each side
+_MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 # -- argument types: bad values fail at parse time with argparse's usual message --------------------------
@@ -65,6 +71,40 @@ def _unit_right_open(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
+
+
+def _held_out(text: str) -> float:
+    value = _open_unit(text)
+    if not 1 <= round(value * _DIGITS) <= _DIGITS - 1:
+        raise argparse.ArgumentTypeError(
+            f"must leave at least one of the {_DIGITS} images on each side of the split, got {text}"
+        )
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**64 - 1], got {text}")
+    return value
+
+
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > cores:  # more threads than cores only slow it down; torch crashes on absurd counts
+        raise argparse.ArgumentTypeError(f"must be an int in [1, {cores}] (the CPU count), got {text}")
+    return value
+
+
+def _output_dir(text: str) -> str:
+    from polyak.demo import OutputDirError, _check_output_dir
+
+    try:
+        _check_output_dir(text)
+    except OutputDirError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 # -- demo -------------------------------------------------------------------------------------------------
@@ -113,16 +153,17 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="length of the EMA momentum warm-up, in iterations",
     )
     p.add_argument("--batch-size", type=_positive_int, default=demo.DEFAULT_BATCH_SIZE, help="batch size")
-    p.add_argument("--held-out", type=_open_unit, default=demo.DEFAULT_HELD_OUT, help="fraction of the data held out")
-    p.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="seed of the init, split and shuffle")
+    p.add_argument("--held-out", type=_held_out, default=demo.DEFAULT_HELD_OUT, help="fraction of the data held out")
+    p.add_argument("--seed", type=_seed, default=demo.DEFAULT_SEED, help="seed of the init, split and shuffle")
     p.add_argument(
         "--output-dir",
+        type=_output_dir,
         default=demo.DEFAULT_OUTPUT_DIR,
-        help="directory in which a new timestamped run directory is created",
+        help="directory in which a new timestamped run directory is created (with its parents if missing)",
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_threads,
         default=1,
         help="torch intra-op threads (more only slow this small network down)",
     )
@@ -154,9 +195,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     if absent:  # before anything runs or is written
         print(install_hint(absent, "polyak demo"), file=sys.stderr)
         return 2
-    from polyak.demo import format_sweep, format_table, run_demo
+    from polyak.demo import OutputDirError, run_demo
 
-    result = run_demo(
+    try:
+        result = _run(run_demo, args)
+    except OutputDirError as e:  # checked at parse time; here if the folder changed since, or mkdir failed
+        print(f"polyak demo: error: argument --output-dir: {e}", file=sys.stderr)
+        return 2
+    _report(result)
+    return 0
+
+
+def _run(run_demo: Callable[..., DemoResult], args: argparse.Namespace) -> DemoResult:
+    return run_demo(
         epochs=args.epochs,
         lr=args.lr,
         momentum=args.momentum,
@@ -172,6 +223,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         posthoc=args.posthoc,
         snapshot_every=args.snapshot_every,
     )
+
+
+def _report(result: DemoResult) -> None:
+    from polyak.demo import format_sweep, format_table
+
     last = result.history[-1]
     print(format_table(result.history))
     print(
@@ -200,7 +256,6 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"snapshots:     {result.posthoc_dir}")
     print(f"checkpoint:    {result.checkpoint_path}")
     print(f"run directory: {result.run_dir}")
-    return 0
 
 
 def _add_posthoc(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -40,6 +40,7 @@ tqdm); ``python -m polyak demo`` checks for them before it starts.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -199,6 +200,32 @@ def _load_digits(held_out: float, generator: torch.Generator) -> tuple[TensorDat
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
+class OutputDirError(ValueError):
+    """``output_dir`` cannot hold a new run directory: empty, not a folder, or not writable."""
+
+
+def _check_output_dir(output_dir: object) -> Path:
+    """``output_dir`` as a :class:`~pathlib.Path`, checked to be (or to be creatable as) a writable folder.
+
+    It may be missing (it is created with its parents); the nearest part of it that exists must be a folder
+    this process can write into. Nothing is created here.
+    """
+    if isinstance(output_dir, bytes):
+        output_dir = os.fsdecode(output_dir)
+    if not isinstance(output_dir, (str, os.PathLike)) or not os.fspath(output_dir):
+        raise OutputDirError(f"output_dir must be a folder path, got {output_dir!r}")
+    path = Path(output_dir)
+    existing = path
+    while not (existing.exists() or existing.is_symlink()) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f": {str(existing)!r}"
+        raise OutputDirError(f"output_dir {str(path)!r}{where} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output_dir {str(path)!r} is not writable ({str(existing)!r} does not allow writing)")
+    return path
+
+
 def _new_run_dir(output_dir: Path) -> Path:
     """A new, empty subdirectory of ``output_dir`` named after the current time."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -208,8 +235,12 @@ def _new_run_dir(output_dir: Path) -> Path:
             run_dir.mkdir(parents=True)
         except FileExistsError:
             continue
+        except OSError as e:  # not writable, read-only, a file in the way: the folder's fault, not the run's
+            raise OutputDirError(
+                f"output_dir {str(output_dir)!r}: cannot create a run directory in it ({type(e).__name__}: {e})"
+            ) from e
         return run_dir
-    raise FileExistsError(f"could not create a new run directory under {output_dir}")
+    raise OutputDirError(f"output_dir {str(output_dir)!r}: could not create a new run directory in it")
 
 
 def _plot(history: Sequence[EpochRecord], path: Path, title: str) -> None:
@@ -358,7 +389,10 @@ def run_demo(
         batch_size: training batch size.
         held_out: fraction of the 1,797 images kept out of training to evaluate both models, in (0, 1).
         seed: seeds the model's initialisation, the split and the shuffling; equal seeds give equal runs.
-        output_dir: where to create the run directory (a new timestamped subdirectory per run).
+        output_dir: where to create the run directory (a new timestamped subdirectory per run); created with
+            its parents if missing. It must be a folder path this process can write into: an empty path (which
+            would mean the current folder), a file, or an unwritable folder raises ``OutputDirError``
+            (a ``ValueError``) before anything runs.
         progress: show ignite's ``ProgressBar`` (tqdm, on stderr) during training.
         num_threads: torch's intra-op threads during the run, restored afterwards; ``None`` leaves torch's
             setting alone. One thread is the fastest for a network and batches this small: more threads
@@ -392,6 +426,7 @@ def run_demo(
         raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
     if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
         raise ValueError(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
+    output_path = _check_output_dir(output_dir)
     grid = tuple(sweep) if not isinstance(sweep, (str, bytes)) else ()
     if posthoc and (
         not grid
@@ -410,7 +445,7 @@ def run_demo(
             batch_size=batch_size,
             held_out=held_out,
             seed=seed,
-            output_dir=Path(output_dir),
+            output_dir=output_path,
             progress=progress,
             posthoc=posthoc,
             snapshot_every=snapshot_every,
