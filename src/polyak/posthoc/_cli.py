@@ -49,12 +49,9 @@ def _sigma_rel_arg(text: str) -> float:
 
 
 def _snapshots_arg(text: str) -> str:
-    if not text:
+    if not text:  # Path("") is the current folder
         raise argparse.ArgumentTypeError("must be the snapshot folder, got ''")
-    if not os.path.isdir(text):
-        what = "is not a folder" if os.path.lexists(text) else "does not exist"
-        raise argparse.ArgumentTypeError(f"{text!r} {what} (the PostHocEMA snapshot folder)")
-    return text
+    return text  # whether it is a folder of snapshots is checked when the command runs
 
 
 def _out_arg(text: str) -> str:
@@ -183,6 +180,9 @@ def posthoc_command(args: argparse.Namespace) -> int:
     """
     written: list[Path] = []
     try:
+        if not os.path.isdir(args.snapshots):
+            what = "is not a folder" if os.path.lexists(args.snapshots) else "does not exist"
+            raise ValueError(f"--snapshots {args.snapshots!r} {what} (it is the PostHocEMA snapshot folder)")
         t_r = _target_time(list_snapshots(args.snapshots), args.step, args.snapshots)
         dtype = _CLI_DTYPES[args.dtype]
         targets = _targets(args, t_r)
