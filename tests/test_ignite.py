@@ -287,3 +287,43 @@ def test_several_handlers_on_one_engine_under_different_names():
     engine.run(data(6), max_epochs=1)
     assert gen_h.ema.num_updates == 6 and disc_h.ema.num_updates == 3
     assert engine.state.gen_ema_momentum == 0.1 and engine.state.disc_ema_momentum == 0.2
+
+
+def test_a_second_attach_to_the_same_engine_is_refused_ignite_updates_twice():
+    """ignite registers the update again: each iteration then updates the EMA twice. A weight going 1, 2, 3 at
+    momentum 0.5: one update per iteration gives 2.125; ignite's doubled run gives 2.671875."""
+
+    def run(cls, attaches):
+        model = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(model.weight)
+        h = cls(model, momentum=0.5)
+        trainer = Engine(lambda e, b: model.weight.data.fill_(float(b)))
+        attaches(h, trainer)
+        trainer.run([1, 2, 3], max_epochs=1)
+        return h, trainer
+
+    once, _ = run(IgniteEMAHandler, lambda h, t: h.attach(t))
+    assert once.ema_model.weight.item() == 2.125  # ((0 + 1) / 2 + 2) / 2 = 1.25; (1.25 + 3) / 2
+    twice, _ = run(IgniteEMAHandler, lambda h, t: [h.attach(t, warn_if_exists=False) for _ in range(2)])
+    assert twice.ema_model.weight.item() == 2.671875  # each iteration folded in twice: 0.75, 1.6875, 2.671875
+
+    def attach_twice(h, trainer):
+        h.attach(trainer)
+        handlers = list(trainer._event_handlers[Events.ITERATION_COMPLETED])
+        with pytest.raises(ValueError, match=r"engine already has this EMAHandler attached \(name='ema_momentum'\)"):
+            h.attach(trainer, name="other")
+        assert trainer._event_handlers[Events.ITERATION_COMPLETED] == handlers  # nothing registered
+        assert not hasattr(trainer.state, "other") and len(h._attached) == 1
+
+    ours, _ = run(EMAHandler, attach_twice)
+    assert ours.ema_model.weight.item() == 2.125 and ours.ema.num_updates == 3
+
+    # attached anew after remove(), and to another engine as well: both fine
+    h = EMAHandler(nn.Linear(1, 1), momentum=0.5)
+    first, second = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    h.attach(first).remove()
+    h.attach(first, warn_if_exists=False)  # its own momentum from the first attach
+    h.attach(second)
+    first.run(range(2), max_epochs=1)
+    second.run(range(3), max_epochs=1)
+    assert h.ema.num_updates == 5

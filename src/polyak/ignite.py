@@ -398,6 +398,10 @@ class EMAHandler:
 
         Returns:
             A removable handle; ``handle.remove()`` detaches the update and the scheduler.
+
+        Raises:
+            ValueError: where this handler is attached to ``engine`` already (ignite would update twice per
+                event). Attaching it to another engine as well (a second training phase) is fine.
         """
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")
@@ -409,6 +413,15 @@ class EMAHandler:
                 f"({', '.join(sorted(n for n in _RESERVED_STATE_NAMES if not n.startswith('_')))}), "
                 f"got {name!r}"
             )
+        for engine_ref, attached_name in self._attached:
+            if engine_ref() is engine:
+                # ignite registers the update again: every event would then update the EMA twice
+                raise ValueError(
+                    f"engine already has this EMAHandler attached (name={attached_name!r}), got engine={engine!r} "
+                    "again: a second attach would update the EMA twice per event. To update on several events, "
+                    "attach once with them combined (event=Events.ITERATION_COMPLETED | Events.EPOCH_COMPLETED); "
+                    "to attach it anew, call remove() on the handle the first attach returned"
+                )
         lambda_obj = self._momentum_lambda_obj
         scheduler = None
         if lambda_obj is not None:
