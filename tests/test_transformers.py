@@ -221,3 +221,122 @@ def test_accelerate_checkpoints_an_ema_and_a_post_hoc_ema_exactly(tmp_path: Path
     for x, y in zip(resumed_posthoc.emas, full_posthoc.emas, strict=True):
         for a, b in zip(x.ema_model.parameters(), y.ema_model.parameters(), strict=True):
             assert torch.equal(a, b)
+
+
+# -- bad input --------------------------------------------------------------------------------------------------------
+def _garble(folder: Path, how: str) -> None:
+    """Replace the EMA file of a checkpoint folder by a bad one."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = "transformer.h.0.mlp.c_fc.weight"
+    if how == "not safetensors":
+        path.write_bytes(b"\x00" * 3 + b"not a safetensors file at all" * 10)
+        return
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+        return
+    if how == "count not an int":
+        metadata["num_updates"] = "four"
+    elif how == "negative count":
+        metadata["num_skipped"] = "-1"
+    elif how == "no count":
+        del metadata["num_updates"]
+    elif how == "not polyak's":
+        metadata = {"format": "pt"}
+    elif how == "missing tensor":
+        del tensors[name]
+    elif how == "unexpected tensor":
+        tensors["extra.weight"] = torch.zeros(2)
+    elif how == "wrong shape":
+        tensors[name] = torch.zeros(3, 3)
+    elif how == "wrong dtype":
+        tensors[name] = tensors[name].to(torch.float64)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+BAD_FILES = [
+    "not safetensors",
+    "truncated",
+    "count not an int",
+    "negative count",
+    "no count",
+    "not polyak's",
+    "missing tensor",
+    "unexpected tensor",
+    "wrong shape",
+    "wrong dtype",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A callback after 4 steps, and the checkpoint of step 4 (the first callback's, with the same EMA)."""
+    out = tmp_path_factory.mktemp("trained")
+    callback = EMACallback(decay=0.9, final_dir=None)
+    Trainer(model=gpt2(), args=arguments(out, max_steps=4), train_dataset=Tokens(), callbacks=[callback]).train()
+    return callback, out / "checkpoint-4"
+
+
+@pytest.mark.parametrize("how", BAD_FILES)
+def test_a_bad_ema_file_is_refused_naming_it_and_the_ema_is_unchanged(tmp_path: Path, trained, how: str) -> None:
+    import shutil
+
+    callback, checkpoint = trained
+    folder = tmp_path / "checkpoint-4"
+    shutil.copytree(checkpoint, folder)
+    with torch.no_grad():  # an EMA unlike the file's: a load that wrote anything would show
+        for p in callback.ema.ema_model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in callback.ema.state_dict()["ema_model"].items()}
+    count = callback.ema.num_updates
+    _garble(folder, how)
+    with pytest.raises(ValueError, match=str(folder / WEIGHTS_NAME)):
+        callback.load(folder)
+    assert callback.ema.num_updates == count
+    for k, v in callback.ema.state_dict()["ema_model"].items():
+        assert torch.equal(v, before[k]), k
+    # and resuming from it: refused at the start of train(), before any step
+    model = gpt2()
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=Tokens(), callbacks=[EMACallback()])
+    with pytest.raises(ValueError, match=str(folder / WEIGHTS_NAME)):
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert trainer.state.global_step == 4
+
+
+def test_the_files_are_written_whole_and_a_masters_file_of_another_save_is_refused(tmp_path: Path, trained) -> None:
+    callback, _ = trained
+    bf16 = EMACallback(decay=0.9, final_dir=None)
+    out = tmp_path / "bf16"
+    Trainer(
+        model=gpt2(torch.bfloat16), args=arguments(out, max_steps=4), train_dataset=Tokens(), callbacks=[bf16]
+    ).train()
+    written = sorted(p.name for p in (out / "checkpoint-4").iterdir() if p.name.startswith((".", "ema")))
+    assert written == sorted([MASTERS_NAME, WEIGHTS_NAME])  # no temporary file left
+    other = tmp_path / "other"
+    bf16.ema.update()
+    bf16.save(other)  # one update later
+    (other / MASTERS_NAME).replace(out / "checkpoint-4" / MASTERS_NAME)
+    with pytest.raises(ValueError, match="does not belong to"):
+        bf16.load(out / "checkpoint-4")
+    callback.save(other)  # a float32 EMA into that folder: the bf16 masters there go
+    assert not (other / MASTERS_NAME).exists()
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", " x", 3, "é"])
+def test_a_name_that_is_no_file_name_is_refused(name) -> None:
+    with pytest.raises(ValueError, match=f"name must be .* got {name!r}"):
+        EMACallback(name=name)
+
+
+def test_load_before_train_takes_the_ema_from_that_folder(tmp_path: Path, trained) -> None:
+    _, checkpoint = trained
+    fresh = EMACallback(decay=0.9, final_dir=None)
+    with pytest.raises(ValueError, match="does not exist"):
+        fresh.load(tmp_path)
+    fresh.load(checkpoint)  # checked now, loaded by on_train_begin
+    Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=1), train_dataset=Tokens(), callbacks=[fresh]).train()
+    assert fresh.ema.num_updates == 5  # the 4 of the folder, and this run's step

@@ -151,6 +151,7 @@ class EMACallback(TrainerCallback):
         )
         self.ema: EMA | None = None
         self._pending: Path | None = None  # load() before the EMA is built: the folder on_train_begin takes
+        self._run: _Run | None = None  # the last train()'s
 
     @property
     def weights_name(self) -> str:
@@ -171,7 +172,9 @@ class EMACallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         if model is None:
             raise ValueError("EMACallback needs the model: the Trainer passes it to on_train_begin")
-        _Run.of(state).join(self)
+        self.restore()  # a train() that raised in an evaluation left the EMA's weights in the model
+        self._run = _Run.of(state)
+        self._run.join(self)
         found, folder = _trainer_resume_folder()
         if not found:  # not called by a Trainer we know: its checkpoint of this step, in the usual place
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" if state.global_step > 0 else None
@@ -190,6 +193,16 @@ class EMACallback(TrainerCallback):
                     "to take it from elsewhere)"
                 )
         self.ema = ema
+
+    def restore(self) -> None:
+        """Put the online weights back into the model, if the EMA's are in it for an evaluation.
+
+        The callback does it itself when the evaluation ends, and at the next step, save, end of training or
+        ``train()``: call it after a ``train()`` that raised inside an evaluation (the Trainer has no event
+        for an exception), before using the model. Nothing happens otherwise.
+        """
+        if self._run is not None:
+            self._run.leave()
 
     # -- updating --------------------------------------------------------------------------------------------------
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
