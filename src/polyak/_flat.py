@@ -33,8 +33,8 @@ def flattenable(members: list[Pair], ours: set[int]) -> tuple[list[Pair], list[P
     """Pairs whose tensors can be flattened (or already are, alike), and the rest (e.g. storage the user
     shares between tensors, which flattening would split). A tensor in one of ``ours`` (flat buffers made
     before) moves freely."""
-    if _flat_span(members) is not None:
-        return members, []
+    if _flat_span(members) is not None and all(p.online.stride() == p.ema.stride() for p in members):
+        return members, []  # (element for element: a flat lerp pairs the two buffers in memory order)
 
     def movable(t: Tensor) -> bool:
         return _owns_storage(t) or (t.untyped_storage().data_ptr() in ours and t.stride() == dense_strides(t))

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from polyak._sharding import local
 
-
 _DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
 
 
@@ -134,12 +133,17 @@ class Kernel(abc.ABC):
         self._seen = self._look()
 
     def _look(self) -> list[Any] | None:
-        """What the update needs to stay as it was of the online tensors it reads as objects (not through a
-        flat buffer, whose views leaving it the EMA notices): their dtypes and shapes, which a ``.data``
-        assigned by hand may change."""
-        if self.sharded is not None or self.online.flat is not None:
+        """What the update needs to stay as it was of the tensors it reads, which a ``.data`` assigned by hand
+        may change: of the online tensors it reads as objects, their dtypes and shapes; of the views of a flat
+        buffer (whose views leaving it the EMA notices by its use count), the layout of those of two or more
+        dimensions (``p.data = p.data.t()`` keeps the memory, but not the order of its elements)."""
+        if self.sharded is not None:
             return None
-        return list(map(_DTYPE_AND_SHAPE, self.online.views))
+        if self.online.flat is None:
+            return list(map(_DTYPE_AND_SHAPE, self.online.views))
+        if not hasattr(self, "_layered"):
+            self._layered = [t for b in (self.online, self.ema) if b.flat is not None for t in b.views if t.dim() > 1]
+        return list(map(Tensor.stride, self._layered))
 
     def stale(self) -> bool:
         """Whether the online tensors changed in a way the update cannot follow as it is (the EMA re-pairs

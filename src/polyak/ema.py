@@ -17,12 +17,12 @@ from polyak import _sharding as sharding
 from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable, scripted_owners
 from polyak._kernels import Buf, Compiled, CompiledSplit, Gathered, Kernel, Lerp, Split, Staged, Stochastic
 from polyak._tracking import (
+    UNAVERAGEABLE,
     Pair,
     Selector,
-    UNAVERAGEABLE,
     SharedGuard,
-    averaged_kind,
     Structure,
+    averaged_kind,
     canaries,
     copy_model,
     pair,
@@ -626,10 +626,7 @@ class EMA:
                 raise ValueError(f"steps={steps!r} needs per_step=True: without it each update is one step")
             steps = _check_int("steps", steps, 1)
         k = self.num_updates + 1
-        if momentum is None:
-            m = self._scheduled(k)
-        else:
-            m = _check_momentum("momentum", momentum, closed=True)
+        m = self._scheduled(k) if momentum is None else _check_momentum("momentum", momentum, closed=True)
         if steps != 1:
             m = 1.0 - (1.0 - m) ** steps
         # torch.no_grad() as a decorator costs more than a small model's whole update: switch it directly
