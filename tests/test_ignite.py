@@ -11,7 +11,9 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
+from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers import EMAHandler as IgniteEMAHandler
+from ignite.handlers.state_param_scheduler import LambdaStateScheduler
 from torch import nn
 
 import polyak
@@ -327,3 +329,73 @@ def test_a_second_attach_to_the_same_engine_is_refused_ignite_updates_twice():
     first.run(range(2), max_epochs=1)
     second.run(range(3), max_epochs=1)
     assert h.ema.num_updates == 5
+
+
+# -- going back: a checkpoint written on polyak's handler resumes on ignite's ---------------------------------
+def framework(base: type) -> type:
+    """A subclass as frameworks built on ignite write it: attach() re-implemented with ignite's internals, its
+    ``momentum_scheduler`` (a ``LambdaStateScheduler`` over ``_momentum_lambda_obj``) saved in the Checkpoint."""
+
+    class FrameworkEMAHandler(base):
+        def attach(self, engine, name="ema_momentum", warn_if_exists=True, event=Events.ITERATION_COMPLETED):
+            if not hasattr(engine.state, name):
+                setattr(engine.state, name, self.momentum)
+            if self._momentum_lambda_obj is not None:
+                self.momentum_scheduler = LambdaStateScheduler(self._momentum_lambda_obj, param_name=name)
+                self.momentum_scheduler.attach(engine, event)
+            engine.add_event_handler(event, self._update_ema_model, name)
+
+    return FrameworkEMAHandler
+
+
+def framework_run(cls: type, directory, *, stop_after: int | None = None, resume_from=None, weights_only=True):
+    """5 epochs of 6 iterations, a warm-up over 20; a Checkpoint at each epoch end, as the frameworks write it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def step(engine, batch):
+        model.train()
+        optimizer.zero_grad()
+        model(batch).pow(2).mean().backward()
+        optimizer.step()
+
+    trainer = Engine(step)
+    handler = framework(cls)(model, momentum=0.02, momentum_warmup=0.4, warmup_iters=20)
+    handler.attach(trainer)
+    seen = record(trainer, "ema_momentum")
+    to_save = {
+        "model": model,
+        "optimizer": optimizer,
+        "trainer": trainer,
+        "ema_model": handler.ema_model,
+        "ema_scheduler": handler.momentum_scheduler,
+    }
+    saver = Checkpoint(to_save, DiskSaver(directory, require_empty=False))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    if stop_after is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda e: e.terminate())
+    if resume_from is not None:
+        checkpoint = resume_from if weights_only else torch.load(resume_from, weights_only=False)
+        Checkpoint.load_objects(to_load=to_save, checkpoint=checkpoint)
+    trainer.run(data(6), max_epochs=5)
+    return handler, seen, directory / saver.last_checkpoint
+
+
+@pytest.mark.parametrize("weights_only", [True, False], ids=["load_objects_path", "torch_load_weights_only_false"])
+def test_a_checkpoint_written_on_polyak_resumes_on_ignites_handler(tmp_path, weights_only):
+    """Trained on polyak's handler for 2 epochs, resumed on ignite's for 3: the same run as 5 epochs on ignite's.
+
+    ignite's ``LambdaStateScheduler.load_state_dict`` puts the saved ``lambda_obj`` in place of its own (ignite's
+    ``EMAWarmUp`` has no ``load_state_dict``), and calls it at the next event: polyak's saved warm-up is a mapping
+    of its three numbers that is also callable, with ignite's arithmetic."""
+    full, full_seen, _ = framework_run(IgniteEMAHandler, tmp_path / "ignite")
+    _, first_seen, ckpt = framework_run(EMAHandler, tmp_path / "polyak", stop_after=2)
+    resumed, resumed_seen, _ = framework_run(
+        IgniteEMAHandler, tmp_path / "resumed", resume_from=ckpt, weights_only=weights_only
+    )
+    assert first_seen + resumed_seen == full_seen  # the warm-up continued where it stopped, at update 13
+    assert resumed_seen[0] == pytest.approx(0.4 - 0.38 * 12 / 19) and full_seen[-1] == 0.02
+    assert resumed.momentum_scheduler.event_index == full.momentum_scheduler.event_index == 30
+    for a, b in zip(resumed.ema_model.state_dict().values(), full.ema_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # polyak's lerp_ in the first 12 updates

@@ -40,12 +40,33 @@ class _ModelError(ValueError, TypeError):
     """A model that is not an ``nn.Module``: a ``TypeError``, and a ``ValueError`` as ignite raises."""
 
 
+class _WarmUpState(dict):
+    """The state of an :class:`EMAWarmUp`: a dict of its three numbers that is also the warm-up itself.
+
+    Callable, because ignite's ``LambdaStateScheduler.load_state_dict`` puts the saved ``lambda_obj`` in the
+    place of its own (ignite's ``EMAWarmUp`` has no ``load_state_dict``) and calls it at the next event: a
+    checkpoint written on polyak's handler then resumes on ignite's. Its name is part of the checkpoint format
+    (``polyak.ignite._WarmUpState``): keep it. Registered for ``torch.load(weights_only=True)`` below.
+    """
+
+    def __call__(self, event_index: int) -> float:
+        return _warmup(self["momentum_warmup"], self["momentum"], self["warmup_iters"], event_index)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_WarmUpState, (dict(self),))  # a plain dict inside: what weights_only=True reads
+
+
+torch.serialization.add_safe_globals([_WarmUpState])
+
+
 class EMAWarmUp:
     """ignite's warm-up object, kept by :class:`EMAHandler` as ``_momentum_lambda_obj``: the momentum of the
     1-based ``event_index``, linear from ``momentum_warmup`` to ``momentum`` over ``warmup_iters`` events, with
     ignite's arithmetic to the last bit (:func:`polyak.schedules.linear_warmup`). Its attributes can be set, as
-    ignite's; ``state_dict()`` holds them as plain values, so a ``LambdaStateScheduler`` holding it saves and
-    loads (``weights_only=True``) where ignite's cannot.
+    ignite's; ``state_dict()`` holds them as plain values (a dict), so a ``LambdaStateScheduler`` holding it saves
+    and loads (``weights_only=True``) where ignite's cannot; that dict is callable as the warm-up, so ignite's
+    handler resumes from the same checkpoint (its ``LambdaStateScheduler`` takes the saved value as its
+    ``lambda_obj``).
 
     Example:
         >>> from polyak.ignite import EMAWarmUp
@@ -64,8 +85,10 @@ class EMAWarmUp:
         return _warmup(self.momentum_warmup, self.momentum, self.warmup_iters, event_index)
 
     def state_dict(self) -> dict[str, Any]:
-        """The warm-up's three numbers, as plain values."""
-        return {"momentum_warmup": self.momentum_warmup, "warmup_iters": self.warmup_iters, "momentum": self.momentum}
+        """The warm-up's three numbers, as plain values, in a dict that is callable as the warm-up."""
+        return _WarmUpState(
+            momentum_warmup=self.momentum_warmup, warmup_iters=self.warmup_iters, momentum=self.momentum
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Take the warm-up saved (as ignite's ``LambdaStateScheduler`` does); checked before it is set."""
