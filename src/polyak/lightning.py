@@ -95,7 +95,8 @@ def _key_of(momentum: object, decay: object, schedule: object) -> dict[str, obje
     """What tells two EMACallbacks apart in a checkpoint: the momentum, or the schedule by its name (a repr
     with an address would change from process to process)."""
     if schedule is None:
-        return {"momentum": float(momentum) if momentum is not None else 1.0 - float(0.999 if decay is None else decay)}  # type: ignore[arg-type]
+        m = momentum if momentum is not None else 1.0 - (0.999 if decay is None else decay)  # type: ignore[operator]
+        return {"momentum": m}
     text = repr(schedule)
     if " at 0x" in text:
         text = f"{getattr(schedule, '__module__', '')}.{getattr(schedule, '__qualname__', type(schedule).__qualname__)}"
@@ -204,7 +205,9 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         predicate: Callable[[str, torch.Tensor], bool] | None = None,
         trainable_only: bool = False,
     ) -> None:
+        key = _key_of(momentum, decay, schedule)  # before the schedule is resolved
         schedule, self.copy_first = _callback_schedule(momentum, decay, schedule, copy_first, copy_first_default=1)
+        self._key = key
         self.update_every_n_steps = _check_int("update_every_n_steps", update_every_n_steps, 1)
         self.update_starting_at_step = (
             None
@@ -255,7 +258,6 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         self._online_aside: dict[str, torch.Tensor] | None = None
         self._evaluating_checkpoint = False  # validate/test/predict(ckpt_path=...): the module holds the file's
         self._first = True  # the first EMACallback of its Trainer (the one that writes state_dict)
-        self._key = _key_of(momentum, decay, schedule)
 
     @property
     def state_key(self) -> str:
