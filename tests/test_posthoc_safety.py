@@ -52,8 +52,7 @@ def _snapshot_folder(tmp_path: Path) -> Path:
     posthoc = PostHocEMA(nn.Linear(2, 2), snapshot_every=1, directory=folder)
     posthoc.update()
     posthoc.update()
-    posthoc.close()
-    return folder
+    return folder  # and the PostHocEMA, garbage, gives the folder back
 
 
 # -- 1. resuming from an earlier checkpoint: the abandoned timeline's later snapshots are not mixed in ---------
@@ -284,8 +283,6 @@ def _no_access(path: Path):
         ("--out unwritable folder", r"--out '.*ro/ema\.safetensors': folder '.*ro' is not writable"),
         ("--out write fails", r"--out: could not write '.*ema\.safetensors': .*no space left"),
         ("--sweep --out a file", r"--out '.*file\.txt' is not a folder: with --sweep"),
-        ("--step x", r"argument --step: must be an int \(a snapshot time\), got 'x'"),
-        ("--sigma-rel x", r"argument --sigma-rel: must be a number, got 'x'"),
     ],
 )
 def test_posthoc_bad_arguments_are_one_line(tmp_path, capsys, monkeypatch, case, match):
@@ -317,10 +314,6 @@ def test_posthoc_bad_arguments_are_one_line(tmp_path, capsys, monkeypatch, case,
     elif case == "--sweep --out a file":
         del args["--sigma-rel"]
         args.update({"--sweep": "0.05:0.07:0.01", "--out": str(tmp_path / "file.txt")})
-    elif case == "--step x":
-        args["--step"] = "x"
-    elif case == "--sigma-rel x":
-        args["--sigma-rel"] = "x"
     before = sorted(p.name for p in tmp_path.iterdir())
     _refused(capsys, ["posthoc", "--no-progress", *[a for kv in args.items() for a in kv]], match)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
@@ -391,7 +384,7 @@ def test_demo_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, monke
         return real_mkdir(self, *args, **kwargs)
 
     def run_demo(*, output_dir, **kwargs):  # the demo up to where it makes its run directory (no training)
-        polyak.demo._new_run_dir(polyak.demo._check_output_dir(output_dir))
+        polyak.demo._new_run_dir(Path(output_dir))
         raise AssertionError("the run directory was made")
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
