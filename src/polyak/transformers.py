@@ -88,8 +88,8 @@ class EMACallback(TrainerCallback):
             ``final_dir`` ``"ema-<name>"``; None (one callback): ``ema.safetensors`` and ``"ema"``. Letters,
             digits, ``.``, ``_`` and ``-``.
         evaluate: evaluate with the EMA's weights (the trainer's evaluations during ``train()``); the online
-            weights are back, bit for bit, when the evaluation ends (``on_evaluate``) or, if it failed, at the
-            next step, save or the end of training.
+            weights are back, bit for bit, when the evaluation ends (``on_evaluate``); if it raised, at
+            :meth:`restore` or the next ``train()``.
         final_dir: where ``on_train_end`` writes the EMA model with ``save_pretrained`` (a folder, relative to
             ``args.output_dir``), or None. The model itself keeps its online weights.
         dtype, handle_buffers, skip_nonfinite, device, flat, include, exclude, predicate, trainable_only:
@@ -175,8 +175,10 @@ class EMACallback(TrainerCallback):
         self.restore()  # a train() that raised in an evaluation left the EMA's weights in the model
         self._run = _Run.of(state)
         self._run.join(self)
-        found, folder = _trainer_resume_folder()
-        if not found:  # not called by a Trainer we know: its checkpoint of this step, in the usual place
+        calling = _calling_trainer()
+        if calling is not None:
+            _, folder = calling
+        else:  # not called by a Trainer we know: its checkpoint of this step, in the usual place
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" if state.global_step > 0 else None
         ema = EMA(model, schedule=self.schedule, **self._options)  # a new run, or a new model: a new EMA
         pending, self._pending = self._pending, None
@@ -355,9 +357,9 @@ class _Run:
             swap.__exit__(None, None, None)
 
 
-def _trainer_resume_folder() -> tuple[bool, str | os.PathLike[str] | None]:
-    """The folder the calling ``Trainer`` resumes from: (True, folder or None) when called from within its
-    training loop, (False, None) when not (another trainer, a later transformers that renamed its loop).
+def _calling_trainer() -> tuple[Any, str | os.PathLike[str] | None] | None:
+    """The ``Trainer`` whose training loop calls, and the folder it resumes from (None: not resuming); None
+    when not called from within a Trainer's loop (another trainer, a later transformers that renamed it).
 
     The Trainer passes that folder to no callback, and keeps it in neither ``args`` nor ``state``: it is the
     ``resume_from_checkpoint`` argument of ``Trainer._inner_training_loop``, where ``train()`` has already
@@ -367,9 +369,9 @@ def _trainer_resume_folder() -> tuple[bool, str | os.PathLike[str] | None]:
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
-            return True, frame.f_locals.get("resume_from_checkpoint")
+            return frame.f_locals["self"], frame.f_locals.get("resume_from_checkpoint")
         frame = frame.f_back
-    return False, None
+    return None
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
