@@ -384,7 +384,7 @@ def test_two_flat_emas_of_one_model_do_not_reflatten_each_other() -> None:
         fast.update()
         slow.update()
     assert model[0].weight.data_ptr() == pointer
-    assert fast._structure.unchanged() and slow._structure.unchanged()
+    assert fast._plan.structure.unchanged() and slow._plan.structure.unchanged()
 
 
 # -- choosing what is averaged ---------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The EMA core: the public facade over the pairing (:mod:`polyak._tracking`) and the update kernels
-(:mod:`polyak._kernels`), with the sharding helpers in :mod:`polyak._sharding`."""
+"""The EMA core: the public facade. The pairing of the two models, its kernels and whether it still holds are
+the plan's (:mod:`polyak._plan`, over :mod:`polyak._tracking` and :mod:`polyak._kernels`); checkpoints are
+:mod:`polyak._checkpoint`'s; sharding helpers live in :mod:`polyak._sharding`."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 import weakref
 from collections import OrderedDict
@@ -13,33 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from polyak import _checkpoint as checkpoint
 from polyak import _sharding as sharding
-from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable, scripted_owners
-from polyak._kernels import Buf, Compiled, CompiledSplit, Gathered, Kernel, Lerp, Split, Staged, Stochastic
-from polyak._tracking import (
-    UNAVERAGEABLE,
-    Pair,
-    Selector,
-    SharedGuard,
-    Structure,
-    averaged_kind,
-    canaries,
-    copy_model,
-    pair,
-    parameter_selector,
-    storage_users,
-    unwrap_model,
-    versions,
-)
+from polyak._kernels import Kernel
+from polyak._plan import Lasting, Options, Plan, start_from_model, swap_in, swap_out
+from polyak._tracking import UNAVERAGEABLE, Selector, copy_model, parameter_selector, unwrap_model
 from polyak.schedules import Schedule, _check_int, _check_momentum, constant, delayed
 
 __all__ = ["EMA"]
 
 HANDLE_BUFFERS = ("copy", "update", "ema_train")
 _DEFAULT_MOMENTUM = 0.0002
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-# the dtype a finiteness probe sums in: wide enough not to lose a NaN, never narrower than the tensor
-_WIDE_SUM = {torch.float64: torch.float64, torch.complex64: torch.complex64, torch.complex128: torch.complex128}
 
 
 class EMA:
@@ -225,11 +211,11 @@ class EMA:
             raise TypeError(f"compile and trainable_only must be bools, got {compile!r}, {trainable_only!r}")
         if compile and not flat:
             raise ValueError("compile=True needs flat=True: the generated kernel works on the flat buffers")
-        selector = parameter_selector(include, exclude, predicate, trainable_only)
-        self._selected: Selector | None = None
-        if selector is not None:  # decided once, here: freezing a parameter later does not change what is averaged
-            averaged = {n for n, p in unwrap_model(model).named_parameters() if selector(n, p)}
-            self._selected = lambda name, p: name in averaged
+        chosen = parameter_selector(include, exclude, predicate, trainable_only)
+        selector: Selector | None = None
+        if chosen is not None:  # decided once, here: freezing a parameter later does not change what is averaged
+            averaged = {n for n, p in unwrap_model(model).named_parameters() if chosen(n, p)}
+            selector = lambda name, p: name in averaged  # noqa: E731
 
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -251,11 +237,9 @@ class EMA:
         self.num_updates = 0
         self.num_skipped = 0
         self._swap_depth = 0
-        self._generator: torch.Generator | None = None
-        self._seed = seed
-        self._flat_storages: set[int] = set()  # the flat buffers of flat mode: their views may move into new ones
+        self._lasting = Lasting(seed)
         self._given_ema_model = ema_model is not None
-        self._shared_guard = SharedGuard()
+        self._options = self._make_options(selector)
         self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # by hook(): one hook each
 
         online = unwrap_model(model)
@@ -267,8 +251,8 @@ class EMA:
                     "arguments) and pass it as EMA(model, ..., ema_model=ema_module)"
                 )
             shared = set()
-            if device is None and self._selected is not None:
-                shared = {id(p) for n, p in online.named_parameters() if not self._selected(n, p)}
+            if device is None and selector is not None:
+                shared = {id(p) for n, p in online.named_parameters() if not selector(n, p)}
             try:
                 self.ema_model = copy_model(model, device, shared)
             except Exception as e:  # a module that refuses deepcopy says why; say what to do about it
@@ -282,11 +266,23 @@ class EMA:
             if ema_model is model or ema_model is online:
                 raise ValueError("ema_model must be a separate module, not the online model itself")
             self.ema_model = ema_model
-            self._start_from_model()
+            start_from_model(self._options, model, ema_model)
         self.ema_model.train(handle_buffers == "ema_train")
-        self._fsdp_ema = sharding.fsdp_modules(unwrap_model(self.ema_model))
-        self._fsdp_online = sharding.fsdp_modules(online)
-        self._build()
+        self._plan = Plan(self._options, self._lasting, self.model, self.ema_model)
+
+    def _make_options(self, selector: Selector | None) -> Options:
+        return Options(
+            handle_buffers=self._handle_buffers,
+            dtype=self.dtype,
+            master=self.master,
+            flat=self.flat,
+            compile=self.compile,
+            stochastic_rounding=self.stochastic_rounding,
+            skip_nonfinite=self.skip_nonfinite,
+            device=self.device,
+            selected=selector,
+            given_ema_model=self._given_ema_model,
+        )
 
     @property
     def ema_model(self) -> nn.Module:
@@ -311,11 +307,9 @@ class EMA:
         old = self._ema_model
         self._ema_model = module
         try:
-            self._fsdp_ema = sharding.fsdp_modules(unwrap_model(module))
             self._build(keep_masters=False)  # checks it first: a part of the model in it is refused
         except BaseException:
             self._ema_model = old
-            self._fsdp_ema = sharding.fsdp_modules(unwrap_model(old))
             raise
         module.requires_grad_(False)
         module.train(self.handle_buffers == "ema_train")
@@ -334,270 +328,57 @@ class EMA:
             return
         old, self._handle_buffers = self._handle_buffers, value
         try:
-            self._build()
+            self._build(options=dataclasses.replace(self._options, handle_buffers=value))
         except BaseException:
             self._handle_buffers = old
             raise
         self.ema_model.train(value == "ema_train")
 
-    # -- construction -------------------------------------------------------------------------------
-    def _start_from_model(self) -> None:
-        """A user's ``ema_model`` (FSDP2) is checked to be built like the model, and starts from its values."""
-        ema = unwrap_model(self.ema_model)
-        advice = "ema_model must be built and sharded like the model"
-        pairs = pair(unwrap_model(self.model), ema, self.handle_buffers, self._selected, ValueError, advice)
-        for p in pairs:
-            sharding.check_alike(p.name, p.online, p.ema)
-        with torch.no_grad():
-            for p in pairs:
-                if p.role != "keep":
-                    p.ema.copy_(p.online)
-        ema.requires_grad_(False)
+    # -- the plan (polyak._plan): built once, built anew where it no longer holds -------------------------------
+    def _build(self, keep_masters: bool = True, options: Options | None = None) -> None:
+        """A new plan of both models; masters kept where still valid. Nothing changes where it raises."""
+        previous = self._plan.masters_by_name() if keep_masters else {}
+        plan = Plan(options or self._options, self._lasting, self.model, self.ema_model)
+        plan.restore_masters(previous)
+        self._plan, self._options = plan, plan.options
 
-    def _accumulator_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        if dtype.is_complex:  # averaged in its own dtype: a real accumulator would drop the imaginary part
-            return dtype
-        if self.dtype is not None:
-            return self.dtype
-        return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-    def _build(self, keep_masters: bool = True) -> None:
-        """Pair the two models' tensors and pick each group's kernel; masters kept where still valid."""
-        with torch.inference_mode(False):  # buffers made here are used outside any inference_mode block
-            self._build_now(keep_masters)
-
-    def _build_now(self, keep_masters: bool) -> None:
-        previous = self._masters_by_name() if keep_masters else {}
-        pairs = pair(unwrap_model(self.model), unwrap_model(self.ema_model), self.handle_buffers, self._selected)
-        self._materialise(pairs)
-        self._separate(pairs)
-        self._unmaterialised = [p.name for p in pairs if p.online.device.type == "meta" and p.role != "keep"]
-        self._shared_guard.watch(unwrap_model(self.ema_model), {p.name: p.online for p in pairs if p.role == "share"})
-        groups: dict[tuple[Any, ...], list[Pair]] = {}
-        for p in pairs:
-            if p.role == "lerp":
-                key = (p.online.device, p.online.dtype, p.ema.device, p.ema.dtype, sharding.is_dtensor(p.online))
-                groups.setdefault(key, []).append(p)
-        if self.stochastic_rounding and self._generator is None:
-            device = next((p.ema.device for p in pairs if p.role == "lerp"), torch.device("cpu"))
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._seed)
-        kernels: list[Kernel] = []
-        for members in groups.values():
-            kernels.extend(self._kernels_for(members))
-        copies = [p for p in pairs if p.role == "copy"]
-        self._copy_ema = [sharding.local(p.ema) for p in copies]
-        self._copy_online = [sharding.local(p.online) for p in copies]
-        self._copy_names = [p.name for p in copies]
-        self._kernels = kernels
-        self._restore_masters(previous)
-        self._watch()
-
-    def _materialise(self, pairs: list[Pair]) -> None:
-        """Deferred initialisation: an EMA built from a model on the meta device (before ``to_empty()``) holds no
-        values. Once the model's tensors have them, the EMA model's are made where they belong and start from
-        the model's values, as at construction."""
-        made: dict[int, Tensor] = {}
-        with torch.no_grad():
-            for p in pairs:
-                if p.ema.device.type == "meta" and p.online.device.type != "meta":
-                    device = self.device if self.device is not None else p.online.device
-                    t = torch.empty_like(p.online, device=device, dtype=p.ema.dtype).copy_(p.online)
-                    made[id(p.ema)] = nn.Parameter(t, requires_grad=False) if p.is_param else t
-                    p.ema = made[id(p.ema)]
-        if made:  # registered anew (a meta tensor's data cannot be set), tied tensors alike
-            for module in unwrap_model(self.ema_model).modules():
-                for registry in (module._parameters, module._buffers):
-                    for leaf, value in registry.items():
-                        if value is not None and id(value) in made:
-                            registry[leaf] = made[id(value)]  # type: ignore[assignment]
-
-    def _separate(self, pairs: list[Pair]) -> None:
-        """The EMA model shares memory only where it is meant to: a parameter that is not averaged views the
-        model's data (again, after the model's tensor was replaced alike); an averaged or copied tensor that
-        came to share memory with the model's (a load with assign=True from the other model's state_dict)
-        gets data of its own, the same values."""
-        with torch.no_grad():
-            for p in pairs:
-                unselected = p.is_param and self._selected is not None and not self._selected(p.name, p.online)
-                alike = p.online.dtype == p.ema.dtype and p.online.device == p.ema.device
-                if unselected and p.role == "copy" and alike and self.device is None and not self._given_ema_model:
-                    p.ema.data = p.online.detach()
-                    p.role, p.aliased = "share", True
-                elif p.aliased and p.role in ("lerp", "copy"):
-                    p.ema.data = p.ema.detach().clone()
-                    p.aliased = False
-
-    def _kernels_for(self, members: list[Pair]) -> list[Kernel]:
-        """The kernel(s) of one group: in flat mode, the flattenable tensors get a flat one."""
-        if sharding.is_dtensor(members[0].online):
-            return [self._kernel(members, flat=False)]
-        # TorchScript modules take no state_dict hook (which a flat buffer's views need): theirs stay as they are
-        scripted = scripted_owners([unwrap_model(self.model), unwrap_model(self.ema_model)], [p.name for p in members])
-        movable = [p for p in members if p.name not in scripted]
-        fixed = [p for p in members if p.name in scripted]
-        if self.flat:
-            flat, rest = flattenable(movable, self._flat_storages) if movable else ([], [])
-            rest += fixed
-            out = [self._kernel(flat, flat=True)] if flat else []
-            return out + ([self._kernel(rest, flat=False)] if rest else [])
-        if self._reads_as_is(members[0]) and movable:
-            small, rest = gatherable(movable, self._flat_storages)
-            if small:
-                rest += fixed
-                return [self._gathered(small)] + ([self._kernel(rest, flat=False)] if rest else [])
-        return [self._kernel(members, flat=False)]
-
-    def _reads_as_is(self, p: Pair) -> bool:
-        """Whether the group of ``p`` averages in the EMA model's tensors, reading the online ones as they are."""
-        dtype = p.ema.dtype
-        return (
-            not (self.stochastic_rounding and not dtype.is_complex)
-            and self._accumulator_dtype(dtype) == dtype
-            and p.online.dtype == dtype
-            and p.online.device == p.ema.device
-        )
-
-    def _gathered(self, members: list[Pair]) -> Kernel:
-        """Many small 1-D tensors: the EMA side becomes one flat buffer, the online side is gathered into it."""
-        names = [p.name for p in members]
-        ema_t = [p.ema for p in members]
-        ema = Buf(ema_t, flatten(ema_t))
-        assert ema.flat is not None
-        self._flat_storages.add(ema.flat.untyped_storage().data_ptr())
-        compact_state_dicts(unwrap_model(self.ema_model), names)
-        return Gathered(names, Buf([p.online for p in members]), ema)
-
-    def _kernel(self, members: list[Pair], flat: bool) -> Kernel:
-        names = [p.name for p in members]
-        sharded = sharding.is_dtensor(members[0].online)
-        online_t = [p.online for p in members]
-        ema_t = [p.ema for p in members]
-        online = Buf(list(map(sharding.local, online_t)))
-        ema = Buf(list(map(sharding.local, ema_t)))
-        if flat:
-            online.flat = flatten(online_t)
-            ema.flat = flatten(ema_t)
-            self._flat_storages |= {online.flat.untyped_storage().data_ptr(), ema.flat.untyped_storage().data_ptr()}
-            compact_state_dicts(unwrap_model(self.model), names)
-            compact_state_dicts(unwrap_model(self.ema_model), names)
-        shards = (online_t, ema_t) if sharded else None
-        ema_dtype = ema.views[0].dtype
-        acc = self._accumulator_dtype(ema_dtype)
-        if self.stochastic_rounding and not ema_dtype.is_complex:
-            assert self._generator is not None
-            return Stochastic(names, online, ema, shards, self._generator)
-        if self._reads_as_is(members[0]):
-            return Lerp(names, online, ema, shards)
-        if self.master == "split" and ema_dtype == torch.bfloat16 and acc == torch.float32:
-            if sharded:
-                raise TypeError(
-                    "master='split' does not support sharded (FSDP2) models yet: use the default float32 master"
-                )
-            return CompiledSplit(names, online, ema) if self.compile and flat else Split(names, online, ema)
-        if self.compile and flat and acc != ema_dtype:
-            return Compiled(names, online, ema, shards, acc)
-        return Staged(names, online, ema, shards, acc)
-
-    def _watch(self) -> None:
-        """Snapshot what the next update checks: the models' structure, one tensor per module, masters' EMA."""
-        online, ema = unwrap_model(self.model), unwrap_model(self.ema_model)
-        names = [n for k in self._kernels if k.sharded is None for n in k.names] + self._copy_names
-        # the registered tensors (a flat kernel holds views of their data, not them)
-        registered_online = dict(online.named_parameters()) | dict(online.named_buffers())
-        registered_ema = dict(ema.named_parameters()) | dict(ema.named_buffers())
-        watched = canaries(names, [registered_online[n] for n in names]) + canaries(
-            names, [registered_ema[n] for n in names]
-        )
-        self._structure = Structure([online, ema], watched)
-        flats = [b.flat for k in self._kernels for b in (k.online, k.ema) if b.flat is not None]
-        self._flat_users = [(t, storage_users(t)) for t in flats]
-        self._master_kernels = [k for k in self._kernels if k.has_master]
-        self._record_versions()
-        self._simple = (
-            len(self._kernels) == 1
-            and type(self._kernels[0]) is Lerp
-            and self._kernels[0].sharded is None
-            and self._kernels[0].ema.flat is None
-            and not self._copy_names
-            and not self.skip_nonfinite
-            and not self._fsdp_ema
-            and not self._fsdp_online
-            and not self._unmaterialised
-        )
-        if self._simple:
-            self._simple_ema, self._simple_online = self._kernels[0].ema.views, self._kernels[0].online.views
-
-    def _record_versions(self) -> None:
-        self._versions = self._master_versions()
-
-    def _master_versions(self) -> list[list[int]]:
-        """The version counters of the EMA model's tensors that have a master: whoever writes them bumps them."""
-        for k in self._master_kernels:
-            k.refetch()
-        return [versions(k.ema.views) for k in self._master_kernels]
-
-    # -- masters across a change ----------------------------------------------------------------------
-    def _masters_by_name(self) -> dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]:
-        """Each master's values by tensor name, with how they were rounded into the EMA model."""
-        out = {}
-        for k in getattr(self, "_kernels", []):
-            if k.has_master and k.ema.views[0].device.type != "meta":  # a meta master holds nothing to keep
-                out.update({n: (v, k.round_master) for n, v in zip(k.names, k.master_values(), strict=True)})
-        return out
-
-    def _restore_masters(self, previous: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]) -> None:
-        """After a re-pairing, keep each master whose EMA values are unchanged (a conversion of the EMA model,
-        not a load into it): its extra precision is not lost. Where the EMA model is now wide enough to hold
-        the average itself, the master's values go into it."""
-        if not previous:
-            return
-        with torch.no_grad():
-            for k in self._kernels:
-                for i, name in enumerate(k.names):
-                    if name not in previous:
-                        continue
-                    master, rounded = previous[name]
-                    ema = k.ema.views[i]
-                    if master.shape != ema.shape or not torch.equal(
-                        rounded(master).to(device=ema.device, dtype=ema.dtype), ema
-                    ):
-                        continue  # the EMA model holds other values now: they are the average
-                    if k.has_master:
-                        k.write_master(i, master)
-                    else:
-                        ema.copy_(master)
-
-    def _revalidate_masters(self, now: list[list[int]]) -> None:
-        """Someone wrote into the EMA model (a load, in-place edits): where a tensor's version counter moved,
-        its master takes the EMA model's value (unless it still rounds to it)."""
-        with torch.no_grad():
-            for k, before, after in zip(self._master_kernels, self._versions, now, strict=True):
-                k.revalidate([i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b])
-
-    # -- following the models -------------------------------------------------------------------------
     def _ensure_current(self) -> None:
         """Follow whatever changed in either model since the last update, or raise saying what cannot be."""
-        if self._fsdp_ema or self._fsdp_online:
-            # FSDP2 registers its gathered parameters in place of the sharded ones while they are in use (a
-            # forward outside training keeps the root's so): the shards are what the EMA pairs
-            sharding.reshard(self._fsdp_online + self._fsdp_ema)
-        if (
-            not self._structure.unchanged()
-            or any(storage_users(t) < n for t, n in self._flat_users)
-            or any(k.stale() for k in self._kernels)
-        ):
+        if not self._plan.holds():
             self._build()
-        elif self._master_kernels and (now := self._master_versions()) != self._versions:
-            self._revalidate_masters(now)
-            self._record_versions()
+        else:
+            self._plan.follow_writes()
+
+    # what the adapters and post-hoc EMA read of the plan
+    @property
+    def _kernels(self) -> list[Kernel]:
+        return self._plan.kernels
+
+    @property
+    def _simple(self) -> bool:
+        return self._plan.simple
+
+    @property
+    def _selected(self) -> Selector | None:
+        return self._options.selected
+
+    @_selected.setter
+    def _selected(self, selector: Selector | None) -> None:
+        """A new selection (the diffusers drop-in re-decides it at each step); it applies at the next build."""
+        self._options = dataclasses.replace(self._options, selected=selector)
+
+    def _clear_for_copy(self) -> None:
+        self._plan.clear_for_copy()
+
+    def _finish(self) -> None:
+        self._plan.finish()
 
     def refresh(self) -> None:
         """Pair with both models' tensors again (re-flattening in flat mode).
 
         Updates notice on their own when a tensor is registered anew, a module is replaced, or a module is
-        moved or converted; call this after assigning a single tensor's ``.data`` by hand (in flat mode, or
-        to another dtype or device).
+        moved or converted, and when a tensor's ``.data`` is assigned by hand (to another dtype or shape, or
+        another layout of a flat buffer); call this where a ``.data`` moves to another device.
         """
         self._refuse_when_swapped("refresh()")
         self._build()
@@ -633,62 +414,29 @@ class EMA:
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            if self._simple and self._structure.unchanged() and not self._kernels[0].stale():
+            plan = self._plan
+            if plan.simple and plan.structure.unchanged() and not plan.kernels[0].stale():
                 # the common case, as directly as it goes: it is all of a small model's update
-                if m == 1.0:  # a copy, exactly (lerp's weight 1 keeps a NaN or Inf the EMA held: see _fold)
-                    torch._foreach_copy_(self._simple_ema, self._simple_online)
+                if m == 1.0:  # a copy, exactly (lerp's weight 1 keeps a NaN or Inf the EMA held)
+                    torch._foreach_copy_(plan.simple_ema, plan.simple_online)
                 else:
-                    torch._foreach_lerp_(self._simple_ema, self._simple_online, m)
+                    torch._foreach_lerp_(plan.simple_ema, plan.simple_online, m)
             else:
                 self._ensure_current()
-                if not self._fold(m, k):
+                plan = self._plan
+                plan.refuse_unmaterialised()
+                plan.refetch()
+                if self.skip_nonfinite and self._skips(k):
                     return 0.0
+                plan.apply(m)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         self.num_updates = k
         return m
 
-    def _refetch(self) -> None:
-        for kernel in self._kernels:
-            kernel.refetch()
-
-    def _fold(self, m: float, k: int) -> bool:
-        """The update of every group; False where ``skip_nonfinite`` skipped it."""
-        if self._unmaterialised:
-            raise RuntimeError(
-                f"the model's tensor {self._unmaterialised[0]!r} is on the meta device: it holds no values to "
-                "average yet (a model built on 'meta' is materialised with model.to_empty(device=...) and then "
-                "initialised or loaded; the EMA follows it then)"
-            )
-        self._refetch()
-        if self.skip_nonfinite and self._skips(k):
-            return False
-        if m == 1.0:
-            self._clear_for_copy()
-        for kernel in self._kernels:
-            kernel.apply(m)
-        self._finish()
-        return True
-
-    def _clear_for_copy(self) -> None:
-        """Before an update of momentum 1 (a copy: ``copy_first``, a schedule's first update). Its lerp with
-        weight 1 computes ``online - (online - acc) * 0``: NaN wherever the average held NaN or Inf (an EMA
-        copied from weights not yet loaded); from zero it is the online value, exactly."""
-        for kernel in self._kernels:
-            kernel.clear_for_copy()
-
-    def _finish(self) -> None:
-        """What follows the lerps: copied tensors, the version records of the masters, FSDP2's reshard."""
-        if self._copy_ema:
-            torch._foreach_copy_(self._copy_ema, self._copy_online)
-        if self._master_kernels:
-            self._record_versions()
-        if self._fsdp_ema:
-            sharding.reshard(self._fsdp_ema)
-
     def _skips(self, k: int) -> bool:
         """``skip_nonfinite``: whether update ``k`` is skipped (counted, and warned about once)."""
-        if self._online_is_finite():
+        if self._plan.online_is_finite():
             return False
         self.num_skipped += 1
         if self.num_skipped == 1:
@@ -699,40 +447,6 @@ class EMA:
                 stacklevel=4,
             )
         return True
-
-    def _online_is_finite(self) -> bool:
-        """Whether the update reads only values it may: no NaN or Inf among the averaged ones, no NaN among the
-        copied ones (buffers). An infinity is a value to copy (an attention mask of ``-inf``): a copy does not
-        accumulate it, and the next update copies again.
-
-        A sum (a flat buffer) or a 2-norm (a list) carries any NaN or Inf into its result and runs at memory
-        speed; only where it is not finite (a non-finite value, or a finite sum that overflowed) does an exact
-        check decide. A max-abs norm would decide alone, but runs ~8x slower than the update on the CPU. For the
-        copied values, a 1-norm is NaN exactly where a value is.
-        """
-        copied = [t for t in self._copy_online if (t.is_floating_point() or t.is_complex()) and t.numel()]
-
-        def probe(source: Buf, exact: bool) -> Tensor:
-            if source.flat is not None:
-                if exact:
-                    return torch.isfinite(source.flat).all()
-                wide = _WIDE_SUM.get(source.flat.dtype, torch.float32)
-                return torch.isfinite(source.flat.sum(dtype=wide)).all()
-            norms = torch._foreach_norm(source.views, ord=float("inf") if exact else 2)
-            return torch.isfinite(torch.stack(norms)).all()
-
-        def all_finite(exact: bool) -> Tensor:
-            flags = [probe(k.online, exact).to("cpu") for k in self._kernels]
-            if copied:
-                flags.append(torch.stack(torch._foreach_norm(copied, ord=1)).isnan().any().logical_not().to("cpu"))
-            return torch.stack(flags).all() if flags else torch.tensor(True)
-
-        finite = all_finite(exact=False)
-        if not finite:
-            finite = all_finite(exact=True)
-        if any(k.sharded is not None for k in self._kernels):
-            finite = sharding.all_ranks_agree(finite)  # each rank sees only its shard: all must agree
-        return bool(finite)
 
     def momentum_at(self, k: int) -> float:
         """The momentum of update ``k`` (1-based) under this EMA's schedule."""
@@ -759,33 +473,6 @@ class EMA:
                 f"{what} inside ema.swapped(): the model holds the EMA's weights there and the EMA model the "
                 "online ones; leave the block first (an optimizer step inside it would train the EMA's weights)"
             )
-
-    def _swap_pairs(self, roles: tuple[str, ...] = ("lerp", "copy", "keep")) -> list[Pair]:
-        pairs = pair(unwrap_model(self.model), unwrap_model(self.ema_model), self.handle_buffers, self._selected)
-        return [p for p in pairs if p.role in roles]
-
-    @staticmethod
-    def _swap_in(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor] | None]:
-        """Trade values; where the two sides differ in dtype or device, keep both sides' values aside instead
-        (a trade through the other's dtype would round them)."""
-        kept: list[tuple[Tensor, Tensor] | None] = []
-        for online, ema in pairs:
-            if online.dtype == ema.dtype and online.device == ema.device:
-                _swap(online, ema)
-                kept.append(None)
-            else:
-                kept.append((online.clone(), ema.clone()))
-                online.copy_(ema)
-        return kept
-
-    @staticmethod
-    def _swap_out(pairs: list[tuple[Tensor, Tensor]], kept: list[tuple[Tensor, Tensor] | None]) -> None:
-        for (online, ema), aside in zip(pairs, kept, strict=True):
-            if aside is None:
-                _swap(online, ema)
-            else:
-                online.copy_(aside[0])
-                ema.copy_(aside[1])
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[nn.Module]:
@@ -826,36 +513,22 @@ class EMA:
             return
         with torch.no_grad():
             self._ensure_current()
-            fsdp = self._fsdp_online + self._fsdp_ema
+            plan = self._plan
+            fsdp = plan.fsdp_online + plan.fsdp_ema
             sharding.reshard(fsdp)  # the swap is of the shards: no forward may reuse parameters gathered before
-            pairs = [(sharding.local(p.online), sharding.local(p.ema)) for p in self._swap_pairs()]
-            kept = self._swap_in(pairs)
-            inside = self._online_versions()
+            pairs = [(sharding.local(p.online), sharding.local(p.ema)) for p in plan.swap_pairs()]
+            kept = swap_in(pairs)
+            inside = plan.online_versions()
         self._swap_depth = 1
         try:
             yield self.model
         finally:
             with torch.no_grad():
                 sharding.reshard(fsdp)
-                written = self._online_versions()
-                self._swap_out(pairs, kept)
-                self._settle_versions(inside, written)
+                written = plan.online_versions()
+                swap_out(pairs, kept)
+                plan.settle_versions(inside, written)
             self._swap_depth = 0
-
-    def _online_versions(self) -> list[list[int]]:
-        for k in self._master_kernels:
-            k.refetch()
-        return [versions(k.online.views) for k in self._master_kernels]
-
-    def _settle_versions(self, inside: list[list[int]], written: list[list[int]]) -> None:
-        """After swapped(): a tensor that nobody wrote inside the block holds its own values again, so its
-        master stands (the trade back bumped its version counter, not its value). Those written inside are
-        left for the next update to take as the average."""
-        now = self._master_versions()
-        self._versions = [
-            [new if a == b else old for old, new, a, b in zip(*rows, strict=True)]
-            for rows in zip(self._versions, now, inside, written, strict=True)
-        ]
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
@@ -919,17 +592,7 @@ class EMA:
         self._refuse_when_swapped("state_dict()")
         with torch.no_grad():
             self._ensure_current()
-        state: dict[str, Any] = {
-            "num_updates": self.num_updates,
-            "num_skipped": self.num_skipped,
-            "ema_model": unwrap_model(self.ema_model).state_dict(),
-        }
-        masters = self._master_views(saving=True)
-        if masters:
-            state["master"] = masters
-        if self._generator is not None:
-            state["generator"] = self._generator.get_state()
-        return state
+        return checkpoint.collect(self)
 
     def full_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` with every tensor whole and on the CPU, for ``torch.save`` on one rank.
@@ -947,22 +610,6 @@ class EMA:
             state["master"] = {k: sharding.whole(v) for k, v in state["master"].items()}
         return state
 
-    def _master_views(self, saving: bool = False) -> dict[str, Tensor]:
-        """The float32 masters by tensor name; for sharded models, as DTensors sharded like the model's.
-
-        ``saving``: the DTensors hold copies, not views into the flat master: torch.save cannot pickle a
-        DTensor whose local tensor starts inside its storage ("invalid python storage", torch 2.13).
-        """
-        masters = {}
-        for k in self._kernels:
-            if not k.has_master:
-                continue
-            for i, (name, view) in enumerate(zip(k.names, k.master_values(), strict=True)):
-                if k.sharded is not None:
-                    view = sharding.as_dtensor_like(view.clone() if saving else view, k.sharded[0][i])
-                masters[name] = view
-        return masters
-
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Everything is checked before anything is changed.
 
@@ -970,76 +617,9 @@ class EMA:
         taken from its weights.
         """
         self._refuse_when_swapped("load_state_dict()")
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-        missing = {"num_updates", "ema_model"} - set(state_dict)
-        if missing:
-            raise ValueError(f"state_dict lacks {sorted(missing)}; it has {sorted(state_dict)}")
-        counts = {key: _plain_count(state_dict, key) for key in ("num_updates", "num_skipped") if key in state_dict}
         with torch.no_grad():
             self._ensure_current()
-        module = unwrap_model(self.ema_model)
-        own = module.state_dict()
-        _check_tensors("state_dict['ema_model']", state_dict["ema_model"], own)
-        ema_state = {
-            k: sharding.shard_like(t, own[k]) if isinstance(own[k], Tensor) else t
-            for k, t in state_dict["ema_model"].items()
-        }
-        masters = state_dict.get("master")
-        if masters is not None:
-            if not isinstance(masters, Mapping):
-                raise TypeError(f"state_dict['master'] must be a mapping, got {type(masters).__name__}")
-            unknown = sorted(set(masters) - set(own))
-            lacking = sorted(set(self._master_views()) - set(masters))
-            if unknown or lacking:
-                raise ValueError(
-                    f"state_dict['master'] does not match the EMA model: missing {lacking}, unexpected {unknown}"
-                )
-            _check_tensors("state_dict['master']", masters, {k: own[k] for k in masters})
-            # Whole tensors (full_state_dict()) give this rank's shard; and the masters may be our own (a state
-            # dict loaded in place, as torch.distributed.checkpoint does, or ema.load_state_dict(ema.state_dict())):
-            # keep their values first.
-            masters = {k: sharding.shard_like(t, own[k], copy=True) for k, t in masters.items()}
-        generator = state_dict.get("generator")
-        if generator is not None and self._generator is not None:
-            own_state = self._generator.get_state()
-            if (
-                not isinstance(generator, Tensor)
-                or generator.dtype != own_state.dtype
-                or generator.shape != own_state.shape
-            ):
-                got = f"{generator.dtype} {tuple(generator.shape)}" if isinstance(generator, Tensor) else generator
-                raise ValueError(
-                    f"state_dict['generator'] must be a generator state ({own_state.dtype} {tuple(own_state.shape)}), "
-                    f"got {got!r}"
-                )
-        shared = {p.name for p in self._swap_pairs(roles=("share",))}  # the model's data: not the EMA's to load
-        loaded = {k: v for k, v in ema_state.items() if k not in shared}
-
-        with torch.no_grad():
-            # atomic: a module's load can still fail late (its set_extra_state, say): then it is put back
-            backup = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in own.items() if k in loaded}
-            try:
-                module.load_state_dict(loaded, strict=False)  # copies into the EMA model's own tensors
-            except BaseException:
-                module.load_state_dict(backup, strict=False)
-                raise
-            # the average itself: the saved masters, else the saved values as they were (a float32 EMA model's
-            # values are exact for a master; rounding them into a bf16 EMA model first would lose bits)
-            for k in self._kernels:
-                k.refetch()
-                for i, name in enumerate(k.names):
-                    value = masters.get(name) if masters is not None else None
-                    value = sharding.local(ema_state[name] if value is None else value)
-                    if k.has_master:
-                        k.write_master(i, value)
-                    else:
-                        k.ema.views[i].copy_(value)
-        if generator is not None and self._generator is not None:
-            self._generator.set_state(generator)
-        self.num_updates = counts["num_updates"]
-        self.num_skipped = counts.get("num_skipped", 0)
-        self._record_versions()
+        checkpoint.load(self, state_dict)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the EMA model: ``ema(x)`` is ``ema.ema_model(x)``, as with ema-pytorch's ``EMA``.
@@ -1055,7 +635,7 @@ class EMA:
             f"{k.ema.views[0].dtype}@{k.ema.views[0].device}: {sum(t.numel() for t in k.ema.views)} elements"
             + (f" (master {k.master.views[0].dtype})" if k.master is not None else "")
             + (" (split master)" if k.has_master and k.master is None else "")
-            for k in self._kernels
+            for k in self._plan.kernels
         )
         return (
             f"{type(self).__name__}(schedule={self.schedule!r}, handle_buffers={self.handle_buffers!r}, "
@@ -1094,41 +674,3 @@ def _check_device(device: object) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} is not available: torch.cuda.is_available() is False")
     return device
-
-
-def _swap(a: Tensor, b: Tensor) -> None:
-    tmp = a.clone()
-    a.copy_(b)
-    b.copy_(tmp)
-
-
-def _plain_count(state_dict: Mapping[str, Any], key: str) -> int:
-    value = state_dict[key]
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
-    return value
-
-
-def _check_tensors(what: str, tensors: object, own: Mapping[str, Any]) -> None:
-    """``tensors`` must name exactly ``own``'s entries, each a tensor of its shape (or, for a module's extra
-    state, whatever the module saved: its ``set_extra_state`` checks it)."""
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"{what} must be a mapping, got {type(tensors).__name__}")
-    if set(tensors) != set(own):
-        raise ValueError(
-            f"{what} does not match the EMA model: missing {sorted(set(own) - set(tensors))}, "
-            f"unexpected {sorted(set(tensors) - set(own))}"
-        )
-    for name, t in tensors.items():
-        if not isinstance(own[name], Tensor):
-            continue
-        if not isinstance(t, Tensor) or t.shape != own[name].shape:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{what}[{name!r}] must be a tensor of shape {tuple(own[name].shape)}, got {got}")
-        if t.device.type == "meta":
-            raise ValueError(f"{what}[{name!r}] is a tensor on the meta device: it holds no values to load")
-        if averaged_kind(t) != averaged_kind(own[name]) or (t.is_complex() and not own[name].is_complex()):
-            raise ValueError(f"{what}[{name!r}] must hold values of {own[name].dtype}, got {t.dtype}")
-        sharding.check_shard_origin(what, name, t, own[name])
