@@ -155,14 +155,14 @@ class EMACallback(TrainerCallback):
 
     @property
     def weights_name(self) -> str:
-        """The file of this callback's EMA in a checkpoint folder: ``ema.safetensors``, or
-        ``ema-<name>.safetensors``."""
+        """The name of this callback's EMA file in a checkpoint folder (``ema.safetensors``, or
+        ``ema-<name>.safetensors``)."""
         return WEIGHTS_NAME if self.name is None else f"ema-{self.name}.safetensors"
 
     @property
     def masters_name(self) -> str:
-        """The file of its float32 masters (a low-precision model's): ``ema_master.safetensors``, or
-        ``ema_master-<name>.safetensors``."""
+        """The name of the file of its float32 masters, for a low-precision model (``ema_master.safetensors``,
+        or ``ema_master-<name>.safetensors``)."""
         return MASTERS_NAME if self.name is None else f"ema_master-{self.name}.safetensors"
 
     def __repr__(self) -> str:
