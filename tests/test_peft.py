@@ -291,13 +291,22 @@ def test_the_adapter_named_and_the_errors() -> None:
     assert names and all(".lora_B.other." in n for n in names)
 
 
-def test_state_dict_round_trip() -> None:
-    model = peft_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(dtype: torch.dtype, tmp_path: Path) -> None:
+    model = peft_model(modules_to_save=["lm_head"]).to(dtype)
     ema = AdapterEMA(model, momentum=0.3)
     train(model, ema, 2)
-    state = ema.state_dict()
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    state = torch.load(tmp_path / "ema.pt", weights_only=True)
+    buffers = {n for n, _ in model.named_buffers() if n in model.state_dict()}
+    assert set(state["ema_model"]) == set(trainable(model)) | buffers
+    assert set(state.get("master", {})) == (set(trainable(model)) if dtype == torch.bfloat16 else set())
     other = AdapterEMA(model, momentum=0.3)
     other.load_state_dict(state)
     assert other.num_updates == 2
+    train(model, ema, 2, after=other.update)
     mine, theirs = ema.ema_model.state_dict(), other.ema_model.state_dict()
-    assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+    assert set(mine) == set(theirs) and all(torch.equal(mine[n], theirs[n]) for n in mine)
+    whole = EMA(model, momentum=0.3, trainable_only=True)
+    other.load_state_dict(whole.state_dict())  # the whole state of a plain EMA loads too
+    assert other.num_updates == 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from polyak._extras import require
@@ -237,6 +238,47 @@ class AdapterEMA(EMA):
         """
         self._check_adapters("swapped()")
         return super().swapped()
+
+    def _shared_keys(self, state: Mapping[str, Any]) -> set[str]:
+        """The keys of an EMA model's state dict that hold the model's own data (the frozen base)."""
+        online = {p.untyped_storage().data_ptr() for p in self.model.parameters() if p.device.type != "meta"}
+        return {
+            k
+            for k, v in state.items()
+            if isinstance(v, Tensor) and v.device.type != "meta" and v.untyped_storage().data_ptr() in online
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`polyak.EMA.state_dict` without the frozen base: ``state["ema_model"]`` holds the adapter's
+        averaged tensors and the buffers, not the parameters the EMA model shares with the model (which would
+        make every checkpoint as large as the model). :meth:`load_state_dict` takes them from the model.
+
+        Example:
+            >>> from peft import LoraConfig, get_peft_model
+            >>> from torch import nn
+            >>> from polyak.peft import AdapterEMA
+            >>> model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+            >>> ema = AdapterEMA(model)
+            >>> sorted(ema.state_dict()["ema_model"])
+            ['base_model.model.0.lora_A.default.weight', 'base_model.model.0.lora_B.default.weight']
+            >>> ema.load_state_dict(ema.state_dict())
+        """
+        state = super().state_dict()
+        shared = self._shared_keys(state["ema_model"])
+        state["ema_model"] = OrderedDict((k, v) for k, v in state["ema_model"].items() if k not in shared)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """:meth:`polyak.EMA.load_state_dict`, of a state from :meth:`state_dict` (the shared base is taken from
+        the model) or a whole one (from :class:`polyak.EMA`)."""
+        given = state_dict.get("ema_model") if isinstance(state_dict, Mapping) else None
+        if isinstance(given, Mapping):
+            own = _unwrap(self.ema_model).state_dict()
+            shared = self._shared_keys(own)
+            whole = OrderedDict((k, given.get(k, v)) for k, v in own.items() if k in given or k in shared)
+            whole.update((k, v) for k, v in given.items() if k not in whole)  # unexpected: the EMA's load says so
+            state_dict = {**state_dict, "ema_model": whole}
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def merge_and_unload(self, **kwargs: Any) -> nn.Module:
