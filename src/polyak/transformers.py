@@ -253,15 +253,13 @@ class EMACallback(TrainerCallback):
         counts = {"num_updates": str(state["num_updates"]), "num_skipped": str(state["num_skipped"])}
         metadata = {"format": FORMAT, **counts}
         masters = state.get("master")
-        if masters:
-            tmp = folder / f".{self.masters_name}.{os.getpid()}.tmp"
-            save_file({k: v.contiguous() for k, v in masters.items()}, str(tmp), metadata=metadata)
-            os.replace(tmp, folder / self.masters_name)
+        if masters:  # first: a save cut short between the two leaves masters that the weights' count refuses
+            tensors = {k: v.contiguous() for k, v in masters.items()}
+            _write(folder / self.masters_name, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         elif (folder / self.masters_name).is_file():
             (folder / self.masters_name).unlink()  # another run's, which would not match these weights
-        tmp = folder / f".{self.weights_name}.{os.getpid()}.tmp"
-        save_model(self.ema.ema_model, str(tmp), metadata=metadata)
-        os.replace(tmp, folder / self.weights_name)
+        model = self.ema.ema_model
+        _write(folder / self.weights_name, lambda tmp: save_model(model, tmp, metadata=metadata))
         return folder / self.weights_name
 
     def load(self, folder: str | os.PathLike[str]) -> None:
@@ -372,6 +370,16 @@ def _calling_trainer() -> tuple[Any, str | os.PathLike[str] | None] | None:
             return frame.f_locals["self"], frame.f_locals.get("resume_from_checkpoint")
         frame = frame.f_back
     return None
+
+
+def _write(path: Path, write: Callable[[str], object]) -> None:
+    """``write(name)`` into a temporary file beside ``path``, renamed to ``path`` once whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
