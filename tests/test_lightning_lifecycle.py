@@ -99,6 +99,15 @@ def trainer(callbacks: list, root: Path | None = None, **kwargs) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread each (several threads on shared cores only wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_ema(trajectory: list[dict[str, torch.Tensor]], decay: float = DECAY) -> dict[str, torch.Tensor]:
     """The float64 EMA of a trajectory of online weights: the first update copies, as in both callbacks."""
     ema = {k: v.clone() for k, v in trajectory[0].items()}
