@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -359,6 +360,9 @@ class EMAHandler:
         self._momentum: float | None = None  # the momentum of the last update
         self._loaded_momentum: float | None = None  # the one engine.state held when saved, for attach to restore
         self._attached: list[tuple[weakref.ref[Engine], str]] = []
+        # the EMA model's tensors as built: a run resumed with them unwritten and no update made did not load the
+        # EMA (a checkpoint without it), and the EMA would average the loaded model into the weights it was built from
+        self._built_versions = self._ema_versions()
 
     # The core holds the state; these are views of it, under ignite's names. Assigning what they already are
     # (subclasses built like ignite's do) is fine; another EMA model is followed (see polyak.EMA.ema_model).
@@ -461,6 +465,7 @@ class EMAHandler:
             update = engine.add_event_handler(event, self._update_ema_model, name)
             if self.ema.per_step and not engine.has_event_handler(self._start_counting, Events.STARTED):
                 handles.append(engine.add_event_handler(Events.STARTED, self._start_counting))
+            handles.append(engine.add_event_handler(Events.STARTED, self._restart_if_not_loaded))
         except BaseException:
             for h in handles:
                 h.remove()
@@ -486,6 +491,27 @@ class EMAHandler:
         entry = (weakref.ref(engine), name)
         self._attached.append(entry)
         return _AttachHandle(update, handles, lambda: entry in self._attached and self._attached.remove(entry))
+
+    def _ema_versions(self) -> tuple[int, ...]:
+        ema_model = unwrap_model(self.ema.ema_model)
+        return tuple(t._version for t in itertools.chain(ema_model.parameters(), ema_model.buffers()))
+
+    def _restart_if_not_loaded(self, engine: Engine) -> None:
+        """A run resumed (the engine starts past iteration 0) from a checkpoint without the EMA: the EMA model
+        still holds the weights it was built from, before the model was loaded. It restarts from the model's
+        loaded weights (with a warning), instead of averaging them into a state of the model that is gone."""
+        if engine.state.iteration == 0 or self.ema.num_updates or self._ema_versions() != self._built_versions:
+            return
+        warnings.warn(
+            f"EMAHandler: the engine resumes at iteration {engine.state.iteration} but the EMA was not loaded (it "
+            "holds the weights it was built from): it restarts from the model's current weights. To resume it, put "
+            "the handler (or ema_model) in the Checkpoint's to_save and to_load.",
+            UserWarning,
+            stacklevel=2,
+        )
+        online = unwrap_model(self.ema.model).state_dict()
+        self.ema.load_state_dict({"num_updates": 0, "ema_model": online})
+        self._built_versions = ()
 
     def _start_counting(self, engine: Engine) -> None:
         # a first run, or a run that starts over (a finished engine restarts from iteration 0)
