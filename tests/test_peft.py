@@ -122,6 +122,22 @@ def test_the_adapter_is_averaged_like_a_float64_reference_and_the_base_is_shared
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"use_dora": True},  # lora_magnitude_vector
+        {"target_modules": ["embed_tokens", "o_proj"]},  # lora_embedding_A/B: ParameterDicts
+        {"target_modules": ["q_proj"], "trainable_token_indices": [1, 2]},  # a trainable-tokens delta
+    ],
+    ids=["dora", "embedding", "trainable-tokens"],
+)
+def test_every_kind_of_adapter_tensor_is_averaged_and_nothing_else(kwargs: dict) -> None:
+    model = peft_model(**kwargs)
+    ema = AdapterEMA(model, momentum=0.5)
+    assert sorted(own_bytes(ema)[2]) == sorted(trainable(model))
+    train(model, ema, 1)
+
+
+@pytest.mark.parametrize(
     ("dtype", "per_parameter"),
     [(torch.float32, 4), (torch.bfloat16, 6)],  # bfloat16: its own 2 bytes and a float32 master's 4
     ids=["float32", "bfloat16"],

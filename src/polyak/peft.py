@@ -75,9 +75,9 @@ class AdapterEMA(EMA):
     Built from a peft model (``peft.get_peft_model``, ``PeftModel.from_pretrained``, or a transformers model
     given adapters with its ``add_adapter``), it averages the parameters of the adapter ``adapter_name``
     (by default the active adapter): its LoRA matrices (``lora_A``, ``lora_B``, DoRA's magnitudes, ...) and its
-    ``modules_to_save`` copies. Every other parameter is shared: :attr:`ema_model` holds the model's own
+    ``modules_to_save`` copies. Every other parameter is shared: :attr:`~polyak.EMA.ema_model` holds the model's own
     tensor, so the EMA costs 4 bytes per adapter parameter in float32 (its buffers aside, which are copied as
-    ``handle_buffers`` says), and nothing of the base. :attr:`ema_model` is a peft model: its
+    ``handle_buffers`` says), and nothing of the base. :attr:`~polyak.EMA.ema_model` is a peft model: its
     ``save_pretrained`` writes the averaged adapter, which ``PeftModel.from_pretrained`` loads onto a fresh base.
 
     What peft does beside the tensors, the EMA follows or refuses, before changing anything:
@@ -86,9 +86,9 @@ class AdapterEMA(EMA):
       raise until the model's active adapters are the EMA's again. A switch inside a step (a reference
       adapter for a loss, as TRL's DPO does) that is undone before the update is fine.
     * ``model.add_adapter(...)`` / ``model.load_adapter(...)`` after the EMA was built: the model has tensors
-      the EMA model lacks, and :meth:`update` raises, naming the adapter; do the same to :attr:`ema_model`
+      the EMA model lacks, and :meth:`update` raises, naming the adapter; do the same to :attr:`~polyak.EMA.ema_model`
       (``ema.ema_model.add_adapter(name, config)``): the new adapter is then shared, not averaged.
-    * ``merge_and_unload()`` or ``merge_adapter()`` on :attr:`ema_model` would add the EMA's delta into the
+    * ``merge_and_unload()`` or ``merge_adapter()`` on :attr:`~polyak.EMA.ema_model` would add the EMA's delta into the
       base weights it shares with the model, i.e. into the model being trained: use :meth:`merge_and_unload`
       here, which merges into a copy. Merging into the *model* (``model.merge_adapter()``) merges into the
       EMA model's base too: :meth:`merge_and_unload` refuses while the model is merged.
@@ -283,7 +283,7 @@ class AdapterEMA(EMA):
     @torch.no_grad()
     def merge_and_unload(self, **kwargs: Any) -> nn.Module:
         """The base model with the EMA's adapter merged into its weights: a new module, built from a copy of
-        :attr:`ema_model`; the model and the EMA are left as they are (the EMA goes on updating).
+        :attr:`~polyak.EMA.ema_model`; the model and the EMA are left as they are (the EMA goes on updating).
 
         peft's own ``ema.ema_model.merge_and_unload()`` would add the EMA's delta into base weights that the
         EMA model shares with the model being trained. The copy costs one model's memory on the EMA model's
