@@ -178,7 +178,7 @@ class AdapterEMA(EMA):
 
     def _check_adapters(self, what: str) -> None:
         """Refuse ``what`` where peft changed the model in a way the tensors alone do not show."""
-        active = tuple(_active_adapters(self.model))
+        active = tuple(_active_adapters(_unwrap(self.model)))
         if active != self._active:
             raise RuntimeError(
                 f"{what} refused: the model's active adapters are now {list(active)}, but this EMA was built with "
@@ -186,8 +186,8 @@ class AdapterEMA(EMA):
                 f"model.set_adapter({self._active[0]!r}) before {what}, or build an AdapterEMA for the adapter "
                 "trained now"
             )
-        ours, theirs = getattr(_unwrap(self.ema_model), "peft_config", {}), getattr(self.model, "peft_config", {})
-        added = [n for n in theirs if n not in ours]
+        ours = getattr(_unwrap(self.ema_model), "peft_config", {})
+        added = [n for n in getattr(_unwrap(self.model), "peft_config", {}) if n not in ours]
         if added:
             raise RuntimeError(
                 f"{what} refused: the model has adapter {added[0]!r}, which the EMA model has not (added with "
@@ -310,7 +310,7 @@ class AdapterEMA(EMA):
         """
         self._refuse_when_swapped("merge_and_unload()")
         self._check_adapters("merge_and_unload()")
-        merged = [n for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer) and m.merged]
+        merged = [n for n, m in _unwrap(self.model).named_modules() if isinstance(m, BaseTunerLayer) and m.merged]
         if merged:
             raise RuntimeError(
                 f"merge_and_unload() refused: the model has adapters merged into its weights ({merged[0]!r}: "
