@@ -1,0 +1,206 @@
+"""Defects the contract suite (test_core.py) found, each as a minimal standalone test.
+
+They fail until the core is fixed; /tmp/contract_findings.md (during the work) and the report say what is
+expected and why. The second half holds issue 17's list of known defects as regression tests.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from polyak import EMA
+
+
+# -- found by the state machine -----------------------------------------------------------------------------------
+def test_flat_follows_a_transposed_view_of_the_same_storage() -> None:
+    """lifecycle.md: ``param.data = ...`` is followed where dtype and device stay, in flat mode too."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ema = EMA(model, momentum=0.5, flat=True)
+    w = model[0].weight
+    w.data = w.data.t()  # same shape, dtype, device and storage; other strides: the values are W.T now
+    expected = ema.ema_model[0].weight.detach().clone().lerp(w.detach(), 0.5)
+    ema.update()
+    assert torch.allclose(ema.ema_model[0].weight, expected)
+
+
+def test_flat_follows_a_data_assignment_while_the_old_storage_is_held() -> None:
+    """The same ``.data`` assignment the flat buffer notices when nothing else holds the old view (its use count
+    drops), missed when user code still holds it (a closure, an optimizer's reference, a saved ``p.data``)."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    ema = EMA(model, momentum=0.5, flat=True)
+    old = model[0].bias.data  # noqa: F841  (held)
+    model[0].bias.data = model[0].bias.data.clone() + 4.0
+    expected = ema.ema_model[0].bias.detach().clone().lerp(model[0].bias.detach(), 0.5)
+    ema.update()
+    assert torch.allclose(ema.ema_model[0].bias, expected)  # the EMA read the old storage: 2.0 off
+
+
+def test_a_parameter_not_averaged_follows_a_data_assignment() -> None:
+    """A parameter left out of the average is shared: the EMA model "always shows the model's current values".
+    After ``p.data = ...`` (same dtype and device: followed, lifecycle.md) it shows the old data until refresh()."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    ema = EMA(model, momentum=0.5, exclude="1.*")
+    model[1].bias.data = model[1].bias.data + 1.0
+    ema.update()
+    assert torch.equal(ema.ema_model[1].bias, model[1].bias)
+
+
+def test_an_ema_loads_its_own_state_after_a_frozen_parameter_was_replaced() -> None:
+    """``ema.load_state_dict(ema.state_dict())`` must work in any state the EMA accepts for updates; after a frozen
+    (shared) parameter's ``.data`` was replaced, it is refused: "cannot load '1.bias' into the EMA model"."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    ema = EMA(model, momentum=0.5, trainable_only=True)
+    model[1].bias.data = model[1].bias.data + 1.0
+    ema.update()
+    ema.load_state_dict(ema.state_dict())
+
+
+def test_ema_built_on_meta_before_to_empty_follows_or_refuses() -> None:
+    """Deferred initialisation: nothing is documented, but "follow or refuse, never go stale" (device='meta' is
+    refused already: "an EMA on the meta device would average nothing"). Today the EMA stays on meta silently."""
+    with torch.device("meta"):
+        model = nn.Linear(4, 4)
+    try:
+        ema = EMA(model, momentum=0.5, copy_first=1)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            model.weight.normal_()
+            model.bias.normal_()
+        ema.update()
+    except (ValueError, TypeError, RuntimeError) as e:
+        assert "meta" in str(e)
+        return
+    assert ema.ema_model.weight.device == model.weight.device
+    assert torch.equal(ema.ema_model.weight, model.weight)
+
+
+# -- issue 17's known defects (regression tests) --------------------------------------------------------------------
+@pytest.mark.parametrize("flat", [False, True])
+def test_split_master_momentum_one_after_averaging_copies(flat: bool) -> None:
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(model, momentum=0.5, master="split", flat=flat)
+    with torch.no_grad():
+        model.weight.add_(0.3)
+    ema.update()
+    ema.update(momentum=1.0)
+    assert torch.equal(ema.ema_model.weight, model.weight)
+    assert torch.equal(ema.state_dict()["master"]["weight"], model.weight.float())
+
+
+def test_skip_nonfinite_with_an_attention_mask_of_minus_inf_still_averages() -> None:
+    model = nn.Linear(4, 4)
+    model.register_buffer("mask", torch.full((4,), float("-inf")))
+    ema = EMA(model, momentum=0.5, skip_nonfinite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [ema.update() for _ in range(3)] == [0.5] * 3
+    assert ema.num_skipped == 0 and ema.num_updates == 3
+
+
+def test_trainable_only_load_into_ema_model_leaves_the_frozen_online_weights_alone() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[0].requires_grad_(False)
+    ema = EMA(model, momentum=0.5, trainable_only=True)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="0.weight"):  # refused; or loaded without touching the model
+        ema.ema_model.load_state_dict({k: v + 1 for k, v in ema.ema_model.state_dict().items()})
+    assert torch.equal(model[0].weight, before)
+
+
+def test_a_refused_load_state_dict_changes_nothing() -> None:
+    model = nn.Linear(3, 3)
+    ema = EMA(model, momentum=0.5)
+    state = ema.state_dict()
+    bad = {**state, "ema_model": {k: v + 1 for k, v in state["ema_model"].items()}, "num_updates": -1}
+    before = ema.ema_model.weight.detach().clone()
+    with pytest.raises(ValueError, match="num_updates"):
+        ema.load_state_dict(bad)
+    assert torch.equal(ema.ema_model.weight, before) and ema.num_updates == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.complex32], ids=["float8", "complex32"])
+def test_parameters_torch_cannot_average_are_refused_up_front(dtype: torch.dtype) -> None:
+    model = nn.Linear(3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ComplexHalf is experimental
+        model.extra = nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=False)
+    try:
+        ema = EMA(model, momentum=0.5)
+    except TypeError as e:
+        assert "extra" in str(e)
+        return
+    before = ema.ema_model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises((TypeError, RuntimeError), match="extra"):
+        ema.update()
+    assert torch.equal(ema.ema_model.weight, before) and ema.num_updates == 0
+
+
+def test_a_data_dtype_change_is_followed_or_refused_before_anything_is_written() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    ema = EMA(model, momentum=0.5)
+    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].bias.add_(1.0)
+    model[1].bias.data = model[1].bias.data.double()
+    try:
+        ema.update()
+    except (TypeError, RuntimeError) as e:
+        assert "1.bias" in str(e)
+        for k, v in ema.ema_model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        return
+    expected = before["1.bias"].lerp(model[1].bias.detach().float(), 0.5)
+    assert torch.allclose(ema.ema_model[1].bias, expected)
+
+
+def test_flat_with_a_torchscript_submodule() -> None:
+    model = nn.Sequential(torch.jit.script(nn.Linear(3, 3)), nn.ReLU(), nn.Linear(3, 3))
+    ema = EMA(model, momentum=0.5, flat=True)
+    start = ema.ema_model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()
+    assert torch.allclose(ema.ema_model[0].weight, start + 0.5)
+
+
+def test_copy_to_a_compiled_model() -> None:
+    model = nn.Linear(3, 3)
+    ema = EMA(model, momentum=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    target = torch.compile(nn.Linear(3, 3))
+    ema.copy_to(target)
+    assert torch.equal(target._orig_mod.weight, ema.ema_model.weight)
+
+
+@pytest.mark.parametrize("value", [None, "0.1", True])
+def test_a_schedule_returning_a_non_number_is_refused(value: object) -> None:
+    ema = EMA(nn.Linear(2, 2), schedule=lambda k: value)
+    with pytest.raises(TypeError, match="schedule"):
+        ema.update()
+    assert ema.num_updates == 0
+
+
+def test_a_checkpoint_round_trip_through_torch_save_is_exact() -> None:
+    """(A sanity anchor for the found tests above: what works.)"""
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(model, momentum=0.3, master="split")
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    ema.update()
+    buffer = io.BytesIO()
+    torch.save(ema.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = EMA(model, momentum=0.3)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(fresh.state_dict()["master"]["weight"], ema.state_dict()["master"]["weight"])
