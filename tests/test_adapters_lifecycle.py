@@ -256,11 +256,11 @@ STEPS, HALF = 8, 4
 DECAY = dict(decay=0.9, use_ema_warmup=True, power=3 / 4)
 
 
-def diffusers_run(cls=EMAModel, *, start: int = 0, stop: int = STEPS, ema=True, resume=None):
+def diffusers_run(cls=EMAModel, *, start: int = 0, stop: int = STEPS, ema=True, resume=None, dtype=torch.float32):
     """diffusers' training loop: ``resume(unet, optimizer, ema)`` loads a checkpoint first; steps ``start..stop``.
     Returns (ema, unet, optimizer, online parameters after each step in float64)."""
     torch.manual_seed(0)
-    unet = UNet2DModel(**UNET)
+    unet = UNet2DModel(**UNET).to(dtype)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-2)
     ema_model = cls(unet.parameters(), **DECAY, model_cls=UNet2DModel, model_config=unet.config) if ema else None
     if resume is not None:
@@ -268,8 +268,8 @@ def diffusers_run(cls=EMAModel, *, start: int = 0, stop: int = STEPS, ema=True, 
     online = []
     for k in range(start, stop):
         g = torch.Generator().manual_seed(k)
-        clean, noise = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
-        loss = (unet(clean + noise, k).sample - noise).pow(2).mean()
+        clean, noise = torch.randn(2, 1, 8, 8, generator=g).to(dtype), torch.randn(2, 1, 8, 8, generator=g).to(dtype)
+        loss = (unet(clean + noise, k).sample.float() - noise.float()).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -396,6 +396,23 @@ def test_diffusers_resumes(tmp_path: Path, diffusers_full, how: str, resume: str
     d = resumed.get_decay(STEPS + 1)
     for s, f, p in zip(resumed.shadow_params, full.shadow_params, resumed_unet.parameters(), strict=True):
         torch.testing.assert_close(s.double(), d * f.double() + (1 - d) * p.double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("how", list(DIFFUSERS_CELLS))
+def test_diffusers_bf16_resumes_bit_for_bit_with_its_float32_masters(tmp_path: Path, how: str) -> None:
+    """bf16: the average is kept in float32 masters; each way of saving carries them (``save_pretrained``: in
+    ``polyak_master.safetensors`` beside the model), so the resumed run's bf16 shadows are the uninterrupted run's."""
+    full = diffusers_run(dtype=torch.bfloat16)[0]
+    save, load = DIFFUSERS_CELLS[how]
+    ema, unet, optimizer, _ = diffusers_run(stop=HALF, dtype=torch.bfloat16)
+    (tmp_path / "run").mkdir()
+    save(tmp_path / "run", unet, optimizer, ema)
+    resumed = diffusers_run(start=HALF, resume=load(tmp_path / "run"), dtype=torch.bfloat16)[0]
+    for a, b in zip(resumed.shadow_params, full.shadow_params, strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    masters = resumed.ema.state_dict()["master"]
+    for k, v in full.ema.state_dict()["master"].items():
+        assert torch.equal(masters[k], v), k
 
 
 def test_diffusers_checkpoint_without_the_ema_restarts_it_at_the_first_step(tmp_path: Path, diffusers_full) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 from polyak.ema import EMA
 
 __all__ = ["EMAModel"]
+
+MASTER_FILE = "polyak_master.safetensors"  # in a save_pretrained folder: the float32 masters, by position
 
 _CONFIG_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 
@@ -217,8 +220,13 @@ class EMAModel:
                 raise ValueError(f"shadow_params[{i}] must be a tensor of shape {tuple(o.shape)}, got {got}")
         state = self.ema.state_dict()
         state["ema_model"] = {str(i): v for i, v in enumerate(values)}
-        if isinstance(masters, (list, tuple)) and len(masters) == len(own):
-            state["master"] = {k: masters[int(k)] for k in state.get("master", {})}
+        needed = state.get("master", {})
+        if (
+            isinstance(masters, (list, tuple))
+            and len(masters) == len(own)
+            and all(masters[int(k)] is not None for k in needed)
+        ):
+            state["master"] = {k: masters[int(k)] for k in needed}
         else:
             state.pop("master", None)
         self.ema.load_state_dict(state)
@@ -332,14 +340,33 @@ class EMAModel:
         model.register_to_config(**{key: getattr(self, key) for key in _CONFIG_KEYS})
         self.copy_to(model.parameters())
         model.save_pretrained(path)
+        masters = self.ema.state_dict().get("master")
+        if masters:  # the float32 average of bf16/fp16 weights, beside the model (which diffusers' loaders ignore)
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in masters.items()}, str(Path(path) / MASTER_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str, model_cls: Any, foreach: bool = False) -> EMAModel:
-        """Load what :meth:`save_pretrained` (of this class or of diffusers') wrote."""
+        """Load what :meth:`save_pretrained` (of this class or of diffusers') wrote; with the float32 masters it
+        saved beside the model, so that a bf16/fp16 run resumed from the folder continues exactly."""
         _, ema_kwargs = model_cls.from_config(path, return_unused_kwargs=True)
         model = model_cls.from_pretrained(path)
         ema = cls(model.parameters(), model_cls=model_cls, model_config=model.config, foreach=foreach)
         ema.load_state_dict(ema_kwargs)
+        master_file = Path(path) / MASTER_FILE
+        if master_file.is_file():
+            from safetensors.torch import load_file
+
+            saved = load_file(str(master_file))
+            # where this EMA has masters (bf16 again) they take them; where it keeps the average in its own dtype
+            # (diffusers' loaders give a float32 model) its shadows do: the float32 average, not its bf16 rounding
+            has_master = set(ema.ema.state_dict().get("master", {}))
+            values = [
+                saved[str(i)].to(s.dtype) if str(i) in saved and str(i) not in has_master else s.detach().clone()
+                for i, s in enumerate(ema.shadow_params)
+            ]
+            ema._load_shadow(values, [saved.get(str(i)) for i in range(len(values))])
         return ema
 
     def __repr__(self) -> str:
