@@ -108,9 +108,16 @@ class EMACallback(_StepCounter, _Swapping, Callback):
 
     Hooks and what they do:
 
+    * ``setup``: a ``fit`` of another module than the EMA's builds a new EMA (a sweep that builds its callbacks
+      once); a ``fit`` of the same module continues it. The first ``EMACallback`` of a Trainer evaluates and
+      writes ``state_dict``; a second (another momentum) must be given ``validate=False, test=False,
+      predict=False, weights_at_end="online"`` (else a ``ValueError``), and keeps its weights in its own state.
     * ``on_fit_start`` (after the strategy set the module up: moved, converted by ``precision="bf16-true"``,
       wrapped or sharded) builds the :class:`~polyak.EMA` (``callback.ema``); a checkpoint being resumed is
-      loaded into it then.
+      loaded into it then. A second ``fit`` of a module that still holds the EMA's weights that the first put
+      there trains on from its online weights, put back.
+    * ``on_train_start`` takes the Trainer's ``global_step`` (restored from a checkpoint, or 0 in a new Trainer),
+      so that the next optimizer step is counted and no micro-batch before it.
     * ``on_train_batch_end`` updates it once per optimizer step (not per batch: right under
       ``accumulate_grad_batches`` and manual optimization), when :meth:`should_update` says so. With
       ``update_every_n_steps=n`` and ``per_step=True`` (the default) an update after ``n`` steps uses
@@ -120,12 +127,17 @@ class EMACallback(_StepCounter, _Swapping, Callback):
     * ``on_{validation,test,predict}_epoch_start/end`` evaluate with the EMA's weights in the module (its
       values trade places with the EMA model's, no copy of the model) and restore the online weights bit for
       bit after, also when a hook raises (``on_exception``). Before the first update the online weights are
-      evaluated (a never-updated EMA is not worth evaluating), with one log line.
+      evaluated (a never-updated EMA is not worth evaluating), with one log line. Outside ``fit`` with
+      ``ckpt_path=``, the module holds the file's ``state_dict``, its EMA, and nothing is swapped (the
+      callback's own EMA is left as it was); with the loop's switch off, the file's ``current_model_state``.
     * ``on_train_end``: with ``weights_at_end="ema"`` (Lightning's choice) the module keeps the EMA's weights
-      after ``fit``; with ``"online"`` its own.
+      after ``fit``, and the online ones are kept aside (one copy) for the checkpoints written after it
+      (``last.ckpt``, ``trainer.save_checkpoint``) and for a second ``fit``; with ``"online"`` its own.
     * ``on_save_checkpoint``: the checkpoint's ``state_dict`` holds the EMA's weights (so that the best
       checkpoint of ``ModelCheckpoint`` is the averaged model, and loading it for inference needs no
-      polyak), ``current_model_state`` the online ones, and the callback's state (``checkpoint["callbacks"]``)
+      polyak), ``current_model_state`` the online ones (whatever hook writes the file: inside an evaluation,
+      after ``fit``), ``averaging_state`` the update count as Lightning's ``EMAWeightAveraging`` reads it (a
+      run can go back to it), and the callback's state (``checkpoint["callbacks"][callback.state_key]``)
       the update count, the float32 masters and the step counters; only tensors and plain values, so the
       file loads with ``torch.load(weights_only=True)``. A sharded EMA (FSDP2 through
       ``ModelParallelStrategy``) leaves ``state_dict`` to the strategy (the online weights, written shard by
@@ -148,8 +160,9 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         update_starting_at_epoch: also update at the end of each epoch from this one on (Lightning's).
         validate, test, predict: evaluate with the EMA's weights in these loops.
         weights_at_end: ``"ema"`` or ``"online"``: what the module holds after ``fit``.
-        ema_model: a callable ``pl_module -> module`` that builds the EMA module, for modules that cannot
-            be deep-copied (FSDP2 through ``ModelParallelStrategy``: build it sharded like the module).
+        ema_model: a callable ``pl_module -> module`` that builds the EMA module (not a module: a
+            ``TypeError`` says so), for modules that cannot be deep-copied (FSDP2 through
+            ``ModelParallelStrategy``: build it sharded like the module).
         per_step, handle_buffers, dtype, stochastic_rounding, seed, skip_nonfinite: as for
             :class:`polyak.EMA`; ``handle_buffers`` defaults to ``"update"`` here (Lightning's averages
             buffers too).
