@@ -321,6 +321,10 @@ def test_resume_with_the_same_trainer_and_callback(point: str, tmp_path: Path, u
     assert_equal(ema_of(callback), uninterrupted["ema"])
     t.save_checkpoint(tmp_path / "after.ckpt")
     assert_equal(torch.load(tmp_path / "after.ckpt", weights_only=True)["current_model_state"], uninterrupted["online"])
+    with torch.no_grad():  # the user changes the module after fit: its weights are then the online ones
+        model.net[0].weight.add_(1.0)
+    t.save_checkpoint(tmp_path / "changed.ckpt")
+    assert_equal(torch.load(tmp_path / "changed.ckpt", weights_only=True)["current_model_state"], model.state_dict())
 
 
 def test_last_ckpt_at_the_end_of_fit_holds_the_online_weights_where_lightnings_does_not(tmp_path: Path) -> None:
@@ -581,6 +585,22 @@ def test_two_ema_callbacks_nest_and_save_apart(tmp_path: Path) -> None:
     trainer(resumed).fit(Net(), data(), ckpt_path=str(path))
     assert_equal(ema_of(resumed[0]), alone[0.9])
     assert_equal(ema_of(resumed[1]), alone[0.99])
+
+    # a file of the first alone, resumed with both: the second's EMA starts at the resume, from the online weights
+    single = write_epoch_end(tmp_path / "single", [EMACallback(decay=0.9)])
+    recorder, resumed = Recorder(), pair()
+    trainer([recorder, *resumed]).fit(Net(), data(), ckpt_path=str(single))
+    assert_equal(ema_of(resumed[0]), alone[0.9])
+    assert resumed[1].ema.num_updates == 3 * STEPS_PER_EPOCH
+    assert_close(ema_of(resumed[1]), reference_ema([recorder.by_step[k] for k in sorted(recorder.by_step)], 0.99))
+
+    # a file of polyak before state keys (its state under "EMACallback"): taken by the one EMACallback
+    old = torch.load(single, weights_only=True)
+    old["callbacks"] = {("EMACallback" if k.startswith("EMACallback") else k): v for k, v in old["callbacks"].items()}
+    torch.save(old, tmp_path / "old.ckpt")
+    callback = EMACallback(decay=0.9, weights_at_end="online")
+    trainer([callback]).fit(Net(), data(), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert_equal(ema_of(callback), alone[0.9])
 
 
 def test_two_ema_callbacks_that_would_both_swap_are_refused() -> None:

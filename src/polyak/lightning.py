@@ -85,7 +85,7 @@ class _Swapping:
             swap.__exit__(None, None, None)
 
 
-def trainer_fn(pl_module: LightningModule) -> str:
+def _trainer_fn(pl_module: LightningModule) -> str:
     """What the Trainer runs: "fit", "validate", "test" or "predict"."""
     fn = pl_module.trainer.state.fn
     return "fit" if fn is None else str(fn.value)
@@ -361,9 +361,10 @@ class EMACallback(_StepCounter, _Swapping, Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave()
         if self.weights_at_end == "ema" and self.ema is not None and self.ema.num_updates > 0:
-            # kept aside: a checkpoint written from now on (ModelCheckpoint's last.ckpt runs after this hook)
-            # still knows the online weights, and a second fit trains on from them
-            self._online_aside = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            if not self._sharded():  # (a sharded module's file is written by the strategy, from the module)
+                # kept aside: a checkpoint written from now on (ModelCheckpoint's last.ckpt runs after this hook)
+                # still knows the online weights, and a second fit trains on from them
+                self._online_aside = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             self.ema.copy_to(pl_module)
 
     def _holds_the_ema(self, pl_module: LightningModule) -> bool:
@@ -378,7 +379,7 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         if not self.evaluate[stage] or self._evaluating_checkpoint:
             return  # a checkpoint's evaluation: the module holds what the file's state_dict holds (the EMA's)
         if self.ema is None or self.ema.model is not pl_module:
-            if not self._said_not_yet and trainer_fn(pl_module) != "fit":
+            if not self._said_not_yet and _trainer_fn(pl_module) != "fit":
                 rank_zero_info(
                     "polyak: this EMACallback holds no EMA of this module (no fit of it, no ckpt_path): this "
                     "evaluation uses the module's weights"
@@ -489,12 +490,16 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         device = next(iter(averaged.values())).device if averaged else None
         checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.num_updates, device=device)}
 
-    def _own_state(self, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    def _own_state(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return states[self.state_key]
-        # a file of another momentum or of an older polyak ("EMACallback"): taken when it is the only one
-        others = [v for k, v in states.items() if isinstance(k, str) and k.startswith("EMACallback")]
+        # a file of another momentum or of an older polyak ("EMACallback"): taken when it is the only one that no
+        # callback of this Trainer claims
+        claimed = {c.state_key for c in trainer.callbacks}  # type: ignore[attr-defined]
+        others = [
+            v for k, v in states.items() if isinstance(k, str) and k.startswith("EMACallback") and k not in claimed
+        ]
         if len(others) == 1 and isinstance(others[0], Mapping) and "last_update_step" in others[0]:
             self.load_state_dict(others[0])
             return others[0]
@@ -503,7 +508,7 @@ class EMACallback(_StepCounter, _Swapping, Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._online_aside = None  # the module is loaded from the file
         online = checkpoint.get("current_model_state")
-        stage = trainer_fn(pl_module)
+        stage = _trainer_fn(pl_module)
         if stage != "fit":
             # validate/test/predict(ckpt_path=...): the module has loaded the file's state_dict, the EMA's weights
             # when an EMA callback wrote it; this callback's EMA (of a fit before) is not the file's
@@ -511,9 +516,12 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             if not self.evaluate.get(stage, True) and online is not None and self._first:
                 pl_module.load_state_dict(online)  # evaluation with the online weights asked for
             return
-        own = self._own_state(checkpoint)
+        own = self._own_state(trainer, checkpoint)
         if not self._first:  # a second EMACallback leaves the module to the first
-            if own is None or "ema_model" not in own.get("ema", {}):
+            if own is not None and "ema" in own and "ema_model" not in own["ema"]:
+                self._pending["weights"] = checkpoint.get("state_dict")  # it was the first then: its weights
+                self._restore_when_ready()
+            elif own is None or "ema_model" not in own.get("ema", {}):
                 rank_zero_info(f"polyak: this checkpoint holds no state of {self!r}: its EMA starts from its weights")
                 self._pending["ema"] = {"num_updates": 0}
                 self._pending["weights"] = online if online is not None else checkpoint.get("state_dict")
