@@ -15,6 +15,16 @@ from diffusers.training_utils import EMAModel as DiffusersEMAModel
 from polyak import _kernels
 from polyak.diffusers import EMAModel
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread, as under ``make test``'s workers: tiny models on two busy threads run ~25x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CONFIG = dict(
     sample_size=8,
     in_channels=1,
