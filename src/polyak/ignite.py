@@ -251,7 +251,10 @@ class EMAHandler:
         EMA weights, the update count (so the warm-up resumes where it stopped) and the momentum that
         ``engine.state.<name>`` held, whether the checkpoint is loaded before or after :meth:`attach`.
         ignite's flow of saving ``ema_model`` on its own keeps working, but restores only the weights
-        (saving ``momentum_scheduler`` beside it restores the update count too).
+        (saving ``momentum_scheduler`` beside it restores the update count too). A run resumed from a
+        checkpoint without the EMA (the engine starts past iteration 0, the EMA neither loaded nor updated)
+        restarts the EMA from the loaded model, with a warning. :meth:`attach` to an engine it is attached to
+        already is refused.
 
     Example:
         >>> import torch
