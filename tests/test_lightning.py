@@ -84,6 +84,15 @@ def trainer(callbacks, tmp_path: Path | None = None, **kwargs) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread each (several threads on shared cores only wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close_states(ours: dict, theirs: dict, **tol) -> None:
     for k, v in ours.items():
         if v.is_floating_point():

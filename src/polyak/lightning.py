@@ -20,7 +20,7 @@ require("lightning", "polyak.lightning")
 
 import torch  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.callbacks import Callback, WeightAveraging  # noqa: E402
 from lightning.pytorch.utilities.rank_zero import rank_zero_info  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -299,7 +299,14 @@ class EMACallback(_StepCounter, _Swapping, Callback):
     # -- building the EMA --------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._evaluating_checkpoint = False
-        ours = [c for c in trainer.callbacks if isinstance(c, EMACallback)]  # type: ignore[attr-defined]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        theirs = [type(c).__name__ for c in callbacks if isinstance(c, WeightAveraging)]
+        if theirs:
+            raise ValueError(
+                f"EMACallback and Lightning's {theirs[0]} in one Trainer: both put their average in the module and "
+                "in the checkpoint's state_dict, and each would take the other's for the online weights; use one"
+            )
+        ours = [c for c in callbacks if isinstance(c, EMACallback)]
         self._first = not ours or ours[0] is self
         if not self._first and (any(self.evaluate.values()) or self.weights_at_end == "ema"):
             raise ValueError(
