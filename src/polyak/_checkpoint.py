@@ -28,6 +28,9 @@ def collect(ema: EMA) -> dict[str, Any]:
     generator = ema._lasting.generator
     if generator is not None:
         state["generator"] = generator.get_state()
+    if ema._plan.zero:  # this rank's ZeRO-3 partitions: they load on this rank only
+        rank, world = sharding.zero_rank()
+        state["zero"] = {"rank": rank, "world_size": world}
     return state
 
 
@@ -42,6 +45,8 @@ def load(ema: EMA, state_dict: Mapping[str, Any]) -> None:
     plan = ema._plan
     module = unwrap_model(ema.ema_model)
     own = module.state_dict()
+    if plan.zero:
+        state_dict = _zero_parts(state_dict, plan.zero, own)
     check_tensors("state_dict['ema_model']", state_dict["ema_model"], own)
     ema_state = {
         k: sharding.shard_like(t, own[k]) if isinstance(own[k], Tensor) else t
@@ -102,6 +107,38 @@ def load(ema: EMA, state_dict: Mapping[str, Any]) -> None:
     ema.num_updates = counts["num_updates"]
     ema.num_skipped = counts.get("num_skipped", 0)
     plan.record_versions()
+
+
+def _zero_parts(state_dict: Mapping[str, Any], zero: dict[str, Tensor], own: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A state for a ZeRO-3 EMA: this rank's partitions as saved by it (refused on another rank), or whole
+    tensors (``full_state_dict()``, an EMA of one process), of which this rank's partitions are taken."""
+    saved = state_dict.get("zero")
+    rank, world = sharding.zero_rank()
+    if saved is not None:
+        if saved != {"rank": rank, "world_size": world}:
+            raise ValueError(
+                f"state_dict holds the ZeRO-3 partitions of rank {saved.get('rank')!r} of "
+                f"{saved.get('world_size')!r} (state_dict['zero']); this is rank {rank} of {world}. Load each "
+                "rank's own state on it, or save the whole EMA with full_state_dict(), which loads on any number "
+                "of ranks"
+            )
+        return state_dict
+
+    def parts(tensors: object) -> object:
+        if not isinstance(tensors, Mapping):
+            return tensors
+        return {
+            k: sharding.zero_part(v, zero[k], own[k])
+            if k in zero and isinstance(v, Tensor) and tuple(v.shape) == tuple(zero[k].ds_shape)  # type: ignore[attr-defined]
+            else v
+            for k, v in tensors.items()
+        }
+
+    out = dict(state_dict)
+    out["ema_model"] = parts(state_dict["ema_model"])
+    if "master" in state_dict:
+        out["master"] = parts(state_dict["master"])
+    return out
 
 
 def _plain_count(state_dict: Mapping[str, Any], key: str) -> int:

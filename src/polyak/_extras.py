@@ -13,6 +13,8 @@ _PROVIDERS = {
     "sklearn": ("scikit-learn", "demo"),
     "matplotlib": ("matplotlib", "demo"),
     "tqdm": ("tqdm", "demo"),
+    "peft": ("peft", "peft"),
+    "deepspeed": ("deepspeed", "deepspeed"),
 }
 
 

@@ -118,7 +118,7 @@ class Plan:
         groups: dict[tuple[Any, ...], list[Pair]] = {}
         for p in pairs:
             if p.role == "lerp":
-                key = (p.online.device, p.online.dtype, p.ema.device, p.ema.dtype, sharding.is_dtensor(p.online))
+                key = (p.online.device, p.online.dtype, p.ema.device, p.ema.dtype, sharding.is_sharded(p.online))
                 groups.setdefault(key, []).append(p)
         if self.options.stochastic_rounding and self.lasting.generator is None:
             device = next((p.ema.device for p in pairs if p.role == "lerp"), torch.device("cpu"))
@@ -129,6 +129,8 @@ class Plan:
         self.copy_ema = [sharding.local(p.ema) for p in copies]
         self.copy_online = [sharding.local(p.online) for p in copies]
         self.copy_names = [p.name for p in copies]
+        # ZeRO-3: the model's partitioned parameters by name (what gathers or slices the EMA's partitions)
+        self.zero = {p.name: p.online for p in pairs if sharding.is_zero3(p.online)}
         self._watch()
 
     def _materialise(self, pairs: list[Pair]) -> None:
@@ -160,7 +162,8 @@ class Plan:
             for p in pairs:
                 unselected = p.is_param and o.selected is not None and not o.selected(p.name, p.online)
                 alike = p.online.dtype == p.ema.dtype and p.online.device == p.ema.device
-                if unselected and p.role == "copy" and alike and o.device is None and not o.given_ema_model:
+                shareable = o.device is None and not o.given_ema_model and not sharding.is_sharded(p.online)
+                if unselected and p.role == "copy" and alike and shareable:
                     p.ema.data = p.online.detach()
                     p.role, p.aliased = "share", True
                 elif p.aliased and p.role in ("lerp", "copy"):
@@ -171,7 +174,7 @@ class Plan:
     def _kernels_for(self, members: list[Pair]) -> list[Kernel]:
         """The kernel(s) of one group: in flat mode, the flattenable tensors get a flat one; many small tensors
         read as they are are gathered."""
-        if sharding.is_dtensor(members[0].online):
+        if sharding.is_sharded(members[0].online):
             return [self._kernel(members, flat=False)]
         # TorchScript modules take no state_dict hook (which a flat buffer's views need): theirs stay as they are
         scripted = scripted_owners([self.online_module, self.ema_module], [p.name for p in members])
@@ -203,7 +206,7 @@ class Plan:
     def _kernel(self, members: list[Pair], flat: bool) -> Kernel:
         o = self.options
         names = [p.name for p in members]
-        sharded = sharding.is_dtensor(members[0].online)
+        sharded = sharding.is_sharded(members[0].online)
         online_t = [p.online for p in members]
         ema_t = [p.ema for p in members]
         online = Buf(list(map(sharding.local, online_t)))
@@ -228,7 +231,7 @@ class Plan:
         if o.master == "split" and ema_dtype == torch.bfloat16 and acc == torch.float32:
             if sharded:
                 raise TypeError(
-                    "master='split' does not support sharded (FSDP2) models yet: use the default float32 master"
+                    "master='split' does not support sharded (FSDP2, ZeRO-3) models yet: use the default float32 master"
                 )
             return CompiledSplit(names, online, ema) if o.compile and flat else Split(names, online, ema)
         if o.compile and flat and acc != ema_dtype:
@@ -352,8 +355,10 @@ class Plan:
             if not k.has_master:
                 continue
             for i, (name, view) in enumerate(zip(k.names, k.master_values(), strict=True)):
-                if k.sharded is not None:
+                if k.sharded is not None and sharding.is_dtensor(k.sharded[0][i]):
                     view = sharding.as_dtensor_like(view.clone() if saving else view, k.sharded[0][i])
+                elif k.sharded is not None and saving:
+                    view = view.clone()
                 masters[name] = view
         return masters
 

@@ -1,8 +1,15 @@
-"""DTensor (FSDP2) helpers: the sharded path of the core, kept apart so the rest reads as one process."""
+"""Sharded tensors: DTensors (FSDP2) and DeepSpeed ZeRO-3 parameters, the sharded path of the core, kept apart
+so the rest reads as one process.
+
+A ZeRO-3 parameter holds an empty placeholder between uses and this rank's flat partition in ``p.ds_tensor``
+(``p.ds_numel`` elements in all, shaped ``p.ds_shape``, the last partition padded): the EMA of such a parameter
+is the EMA of its partition, updated with no collective; only what needs the whole average gathers it."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +25,73 @@ def is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def is_zero3(t: object) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (its partition in ``ds_tensor``)."""
+    return getattr(t, "ds_tensor", None) is not None and hasattr(t, "ds_shape") and hasattr(t, "ds_numel")
+
+
+def is_sharded(t: object) -> bool:
+    return is_dtensor(t) or is_zero3(t)
+
+
 def local(t: Tensor) -> Tensor:
-    """The tensor an update reads or writes: a DTensor's local shard, any other tensor itself."""
-    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
+    """The tensor an update reads or writes: a DTensor's local shard, a ZeRO-3 parameter's partition, any other
+    tensor itself."""
+    if is_dtensor(t):
+        return t._local_tensor  # type: ignore[attr-defined]
+    if is_zero3(t):
+        return t.ds_tensor  # type: ignore[attr-defined]
+    return t
+
+
+def is_deepspeed_engine(module: object) -> bool:
+    """A DeepSpeed engine (``deepspeed.initialize``'s first result): the model is its ``module``."""
+    engine = getattr(sys.modules.get("deepspeed.runtime.engine"), "DeepSpeedEngine", None)
+    return engine is not None and isinstance(module, engine)
+
+
+# -- ZeRO-3 ---------------------------------------------------------------------------------------------------
+def zero_group(param: Tensor) -> Any:
+    return getattr(param, "ds_process_group", None)
+
+
+def zero_whole(part: Tensor, param: Tensor) -> Tensor:
+    """The whole tensor (shaped like ``param``) of which ``part`` is this rank's partition, laid out as ZeRO-3
+    lays out ``param``'s: gathered from every rank of its group (a collective)."""
+    group = zero_group(param)
+    world = torch.distributed.get_world_size(group)
+    flat = torch.empty(part.numel() * world, dtype=part.dtype, device=part.device)
+    torch.distributed.all_gather_into_tensor(flat, part.contiguous().view(-1), group=group)
+    return flat[: param.ds_numel].view(param.ds_shape)  # type: ignore[attr-defined]
+
+
+def zero_part(whole: Tensor, param: Tensor, like: Tensor) -> Tensor:
+    """This rank's partition of ``whole`` (a tensor shaped like ``param``), shaped and placed like ``like``
+    (its partition) in ``whole``'s dtype: sliced here, no communication."""
+    group = zero_group(param)
+    rank = torch.distributed.get_rank(group)
+    size = like.numel()
+    flat = whole.detach().reshape(-1).to(device=like.device)  # in its own dtype (a float32 master stays one)
+    out = torch.zeros(size, dtype=flat.dtype, device=like.device)
+    start = rank * size
+    piece = flat[start : start + size]
+    out[: piece.numel()].copy_(piece)
+    return out.view(like.shape)
+
+
+def zero_release(params: Iterable[Tensor]) -> None:
+    """Free the gathered data of ZeRO-3 parameters (persistent ones, or those DeepSpeed kept after a forward),
+    writing nothing back: the next forward gathers them from the partitions, as they are then."""
+    for p in params:
+        if p.numel() > 0 and getattr(p, "ds_status", None) is not None and p.ds_status.name == "AVAILABLE":  # type: ignore[attr-defined]
+            p.partition(has_been_updated=False)  # type: ignore[attr-defined]
+
+
+def zero_rank() -> tuple[int, int]:
+    """This rank and the world size, where a process group runs (else ``(0, 1)``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def describe(t: Tensor) -> str:

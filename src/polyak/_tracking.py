@@ -30,18 +30,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from polyak._sharding import is_dtensor
+from polyak._sharding import is_deepspeed_engine, is_sharded, is_zero3, local
 
 _values = operator.methodcaller("values")  # also TorchScript modules' dict-like wrappers
 _chain = itertools.chain.from_iterable
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose tensors are averaged: ``model.module`` for DataParallel and DistributedDataParallel,
-    the original module of a ``torch.compile``'d one (whose names start with ``_orig_mod.``), in any nesting."""
+    """The module whose tensors are averaged: ``model.module`` for DataParallel, DistributedDataParallel and a
+    DeepSpeed engine, the original module of a ``torch.compile``'d one (whose names start with ``_orig_mod.``),
+    in any nesting."""
     while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or is_deepspeed_engine(model):
+            model = model.module  # type: ignore[assignment]
         elif _is_compiled(model):
             model = model._orig_mod  # type: ignore[assignment]
         else:
@@ -66,7 +67,7 @@ def named_tensors(module: nn.Module) -> OrderedDict[str, tuple[Tensor, bool]]:
 
 def _all_finite(t: Tensor) -> bool:
     """Whether ``t`` holds no NaN or Inf (True where its values cannot be read here: meta, sharded)."""
-    if t.device.type == "meta" or is_dtensor(t) or t.numel() == 0:
+    if t.device.type == "meta" or is_sharded(t) or t.numel() == 0:
         return True
     return bool(torch.isfinite(t).all())
 
@@ -159,6 +160,10 @@ def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) 
                 memo[id(t)] = _fresh(t, device)
             # other tensor subclasses: deepcopy's own way, then moved below
         ema = copy.deepcopy(model, memo)
+    if any(is_zero3(p) for p in model.parameters()):
+        for m in ema.modules():  # ZeRO-3's hooks gather the model's parameters: the EMA model holds partitions
+            for hooks in (m._forward_pre_hooks, m._forward_hooks, m._backward_hooks, m._backward_pre_hooks):
+                hooks.clear()
     if device is not None:
         ema.to(device)  # whatever deepcopy copied its own way (tensor subclasses); the rest is there already
     ema.requires_grad_(False)  # its own parameter objects only: the model's flags are the model's
@@ -166,6 +171,8 @@ def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) 
 
 
 def _fresh(t: Tensor, device: torch.device | None) -> Tensor:
+    """A copy of ``t`` on ``device``; of a ZeRO-3 parameter, a copy of this rank's partition."""
+    t = local(t) if is_zero3(t) else t
     target = t.device if device is None else device
     out = torch.empty_like(t.detach(), device=target, memory_format=torch.preserve_format)
     return out.copy_(t.detach())
@@ -298,10 +305,11 @@ def pair(
             )
         # a copied buffer may change shape (a cache that grows): its copy follows; anything else must match
         resized = role == "copy" and not is_param and t.shape != e.shape
+        shape = local(t).shape if is_zero3(t) else t.shape  # a ZeRO-3 parameter is paired by its partition
         if (
             not keep
             and not resized
-            and (e_is_param != is_param or t.shape != e.shape or averaged_kind(t) != averaged_kind(e))
+            and (e_is_param != is_param or shape != e.shape or averaged_kind(t) != averaged_kind(e))
         ):
             raise error(
                 f"the model's tensor {name!r} is a {_what(t, is_param)} and the EMA model's a "
@@ -324,7 +332,7 @@ def _replace_buffer(module: nn.Module, name: str, like: Tensor) -> Tensor:
 
 def shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors have memory in common (the EMA of one could not differ from the other)."""
-    if is_dtensor(a) or is_dtensor(b) or a.numel() == 0 or b.numel() == 0:
+    if is_sharded(a) or is_sharded(b) or a.numel() == 0 or b.numel() == 0:
         return False
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -341,6 +349,9 @@ def aliases(a: Tensor, b: Tensor) -> bool:
 
 
 def _what(t: Tensor, is_param: bool) -> str:
+    if is_zero3(t):
+        shape = f"{tuple(t.ds_shape)}, partitioned by ZeRO-3 ({local(t).numel()} elements here)"  # type: ignore[attr-defined]
+        return f"{'parameter' if is_param else 'buffer'} of {t.dtype} {shape}"
     return f"{'parameter' if is_param else 'buffer'} of {t.dtype} {tuple(t.shape)}"
 
 
@@ -396,7 +407,7 @@ def canaries(names: Iterable[str], tensors: Iterable[Tensor]) -> list[Tensor]:
     those, its first; never one of no elements (its data pointer is 0 wherever it is)."""
     by_owner: dict[str, dict[str, Tensor]] = {}
     for name, t in zip(names, tensors, strict=True):
-        if t.numel() == 0 or is_dtensor(t):
+        if t.numel() == 0 or is_sharded(t):  # (ZeRO-3 gathers and frees a parameter's data at will)
             continue
         kinds = by_owner.setdefault(name.rpartition(".")[0], {})
         kinds.setdefault("any", t)
@@ -431,4 +442,4 @@ def versions(tensors: list[Tensor]) -> list[int]:
 
 
 def sharded(t: Tensor) -> bool:
-    return is_dtensor(t)
+    return is_sharded(t)

@@ -217,7 +217,7 @@ class EMA:
             averaged = {n for n, p in unwrap_model(model).named_parameters() if chosen(n, p)}
             selector = lambda name, p: name in averaged  # noqa: E731
 
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel) or sharding.is_deepspeed_engine(model):
             model = model.module
         self.model = model
         self.momentum = momentum
@@ -517,6 +517,7 @@ class EMA:
             fsdp = plan.fsdp_online + plan.fsdp_ema
             sharding.reshard(fsdp)  # the swap is of the shards: no forward may reuse parameters gathered before
             pairs = [(sharding.local(p.online), sharding.local(p.ema)) for p in plan.swap_pairs()]
+            sharding.zero_release(plan.zero.values())  # the swap is of the partitions: none may stay gathered
             kept = swap_in(pairs)
             inside = plan.online_versions()
         self._swap_depth = 1
@@ -526,6 +527,7 @@ class EMA:
             with torch.no_grad():
                 sharding.reshard(fsdp)
                 written = plan.online_versions()
+                sharding.zero_release(plan.zero.values())
                 swap_out(pairs, kept)
                 plan.settle_versions(inside, written)
             self._swap_depth = 0
@@ -546,6 +548,9 @@ class EMA:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self._refuse_when_swapped("copy_to()")
+        if self._plan.zero:  # the EMA model holds this rank's partitions: gathered whole (a collective)
+            unwrap_model(module).load_state_dict(self.full_state_dict()["ema_model"])
+            return
         unwrap_model(module).load_state_dict(unwrap_model(self.ema_model).state_dict())
 
     def hook(self, optimizer: torch.optim.Optimizer) -> _Handles:
@@ -603,11 +608,19 @@ class EMA:
         exactly, which ``set_model_state_dict`` on :attr:`ema_model` alone cannot do).
         """
         state = self.state_dict()
-        state["ema_model"] = OrderedDict(
-            (k, sharding.whole(v) if isinstance(v, Tensor) else v) for k, v in state["ema_model"].items()
-        )
+        zero = self._plan.zero
+
+        def whole(name: str, v: Any) -> Any:
+            if not isinstance(v, Tensor):
+                return v
+            if name in zero:
+                return sharding.zero_whole(v, zero[name]).to("cpu", copy=True)
+            return sharding.whole(v)
+
+        state["ema_model"] = OrderedDict((k, whole(k, v)) for k, v in state["ema_model"].items())
         if "master" in state:
-            state["master"] = {k: sharding.whole(v) for k, v in state["master"].items()}
+            state["master"] = {k: whole(k, v) for k, v in state["master"].items()}
+        state.pop("zero", None)
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
