@@ -518,18 +518,22 @@ def test_a_second_fit_with_another_module_builds_a_new_ema() -> None:
     assert_equal(first.state_dict(), first_after)
 
 
+@pytest.mark.parametrize("kwargs", [{}, dict(update_starting_at_epoch=0)], ids=["per_step", "and_epoch_ends"])
 @pytest.mark.parametrize("same_trainer", [True, False])
-def test_a_second_fit_of_the_same_module_continues(same_trainer: bool) -> None:
+def test_a_second_fit_of_the_same_module_continues(same_trainer: bool, kwargs: dict) -> None:
     """Fit 2 epochs, then 2 more with the same callback and module: ours continues the EMA and trains on from the
     online weights, as one 4-epoch run (plain SGD: a second fit builds a new optimizer). Lightning's builds a new
     average from the module, which holds its average: training goes on from the average; with a new Trainer, whose
     global_step starts again at 0, it does not update at all in the second fit."""
-    full_model, full = Net(momentum=0.0), EMACallback(decay=DECAY)
+    full_model, full = Net(momentum=0.0), EMACallback(decay=DECAY, **kwargs)
     trainer([full]).fit(full_model, data())
     plain = Net(momentum=0.0)
     trainer([]).fit(plain, data())
     finals = {}
-    for name, callback in (("ours", EMACallback(decay=DECAY)), ("theirs", EMAWeightAveraging(decay=DECAY))):
+    for name, callback in (
+        ("ours", EMACallback(decay=DECAY, **kwargs)),
+        ("theirs", EMAWeightAveraging(decay=DECAY, **kwargs)),
+    ):
         model, online = Net(momentum=0.0), {}
 
         class Online(L.Callback):
@@ -551,6 +555,7 @@ def test_a_second_fit_of_the_same_module_continues(same_trainer: bool) -> None:
     _, online, final = finals["ours"]
     assert_equal(online, plain.state_dict())
     assert_equal(final, full_model.state_dict())  # the module holds the 4-epoch EMA
+    assert full.ema.num_updates == 4 * STEPS_PER_EPOCH + (4 if kwargs else 0)
     after_first, online, final = finals["theirs"]
     gap_online = max((v - plain.state_dict()[k]).abs().max().item() for k, v in online.items())
     assert gap_online > 1e-2, gap_online  # it trained on from its average

@@ -347,6 +347,8 @@ class EMACallback(_StepCounter, _Swapping, Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync_global_step(trainer)
+        # the epoch, too: a new Trainer's second fit counts its epochs from 0 again (a resume from where it stopped)
+        self._last_update_epoch = trainer.current_epoch - 1
 
     # -- updating ----------------------------------------------------------------------------------------------
     def on_train_batch_end(
