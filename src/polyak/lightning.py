@@ -473,9 +473,10 @@ class EMACallback(_StepCounter, _Swapping, Callback):
                 self._enter(self.ema)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.ema is None or self.ema.model is not pl_module or self._sharded():
+        if self.ema is None or self.ema.model is not pl_module or self._sharded() or self._evaluating_checkpoint:
             # no EMA of this module: the module's own weights; a sharded EMA: the strategy writes state_dict shard
-            # by shard, the online model's, and the EMA is in the callback's state, whole
+            # by shard, the online model's, and the EMA is in the callback's state, whole; while a checkpoint is
+            # evaluated, the module holds that file's weights
             return
         if not self._first:  # a second EMACallback: its weights in its own state, state_dict is the first's
             own = checkpoint.get("callbacks", {}).get(self.state_key)
@@ -524,6 +525,12 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             self._evaluating_checkpoint = True
             if not self.evaluate.get(stage, True) and online is not None and self._first:
                 pl_module.load_state_dict(online)  # evaluation with the online weights asked for
+            own = (checkpoint.get("callbacks") or {}).get(self.state_key)
+            if self._first and online is None and isinstance(own, Mapping) and "ema_model" in own.get("ema", {}):
+                rank_zero_info(
+                    "polyak: this checkpoint keeps its EMA in the callback's state (a sharded EMA): this evaluation "
+                    "uses the file's state_dict, the online weights"
+                )
             return
         own = self._own_state(trainer, checkpoint)
         if not self._first:  # a second EMACallback leaves the module to the first
