@@ -21,7 +21,7 @@ PAGES = sorted(DOCS.rglob("*.md"))
 BLOCKS = [b for page in PAGES for b in blocks(page)]
 # the public modules and what they export; the demo and the command line are documented by their --help
 PUBLIC = ["polyak", "polyak.schedules", "polyak.ignite", "polyak.lightning", "polyak.transformers", "polyak.diffusers"]
-PUBLIC += ["polyak.posthoc"] + (["polyak.convert"] if (ROOT / "src/polyak/convert.py").exists() else [])
+PUBLIC += ["polyak.posthoc", "polyak.peft"] + (["polyak.convert"] if (ROOT / "src/polyak/convert.py").exists() else [])
 NOT_DOCUMENTED_HERE = {"polyak.__main__", "polyak.demo", "polyak.ema"}  # polyak.ema: as polyak.EMA
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -240,7 +239,6 @@ class EMA:
         self._lasting = Lasting(seed)
         self._given_ema_model = ema_model is not None
         self._options = self._make_options(selector)
-        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # by hook(): one hook each
 
         online = unwrap_model(model)
         if ema_model is None:
@@ -574,7 +572,8 @@ class EMA:
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if optimizer in self._hooked:
+        hooks = getattr(optimizer, "_optimizer_step_post_hooks", {}).values()
+        if any(isinstance(h, _UpdateAfterStep) and h.ema is self for h in hooks):
             raise RuntimeError(
                 f"ema.hook() was already called with this optimizer ({type(optimizer).__name__}): a second hook would "
                 "update the EMA twice per step; remove the first handle (handle.remove()) to hook it again"
@@ -582,9 +581,8 @@ class EMA:
         before = optimizer.register_step_pre_hook(
             lambda opt, args, kwargs: self._refuse_when_swapped("optimizer.step() with ema.hook(optimizer)")
         )
-        after = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.update())
-        self._hooked.add(optimizer)
-        return _Handles([before, after], lambda: self._hooked.discard(optimizer))
+        after = optimizer.register_step_post_hook(_UpdateAfterStep(self))
+        return _Handles([before, after])
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -656,18 +654,25 @@ class EMA:
         )
 
 
+class _UpdateAfterStep:
+    """The step post-hook of :meth:`EMA.hook` (an object, so that a second hook of the same EMA is seen)."""
+
+    def __init__(self, ema: EMA) -> None:
+        self.ema = ema
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.ema.update()
+
+
 class _Handles:
     """Several hook handles removed together (:meth:`EMA.hook`)."""
 
-    def __init__(self, handles: list[Any], forget: Callable[[], None] | None = None) -> None:
+    def __init__(self, handles: list[Any]) -> None:
         self.handles = handles
-        self._forget = forget
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        if self._forget is not None:
-            self._forget()
 
     def __enter__(self) -> _Handles:
         return self

@@ -473,11 +473,10 @@ class _Together:
         try:
             if not self._fused():
                 return [e.update() for e in emas]
+            for e in emas:
+                e._plan.refuse_unmaterialised()  # a model on the meta device has nothing to average yet
             ks = [e.num_updates + 1 for e in emas]
-            ms = [float(e.schedule(k)) for e, k in zip(emas, ks, strict=True)]
-            for m, k in zip(ms, ks, strict=True):
-                if not 0.0 <= m <= 1.0:
-                    raise ValueError(f"schedule must return a momentum in [0, 1], got {m!r} for update {k}")
+            ms = [e._scheduled(k) for e, k in zip(emas, ks, strict=True)]  # checked: a real number in [0, 1]
             first = emas[0]
             if first.skip_nonfinite and first._skips(ks[0]):
                 for e in emas[1:]:
