@@ -3,6 +3,7 @@ is written."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +18,12 @@ if TYPE_CHECKING:
 
 
 def collect(ema: EMA) -> dict[str, Any]:
+    shared = {p.name for p in ema._plan.swap_pairs(roles=("share",))}  # the model's own tensors: not saved
+    tensors = unwrap_model(ema.ema_model).state_dict()
     state: dict[str, Any] = {
         "num_updates": ema.num_updates,
         "num_skipped": ema.num_skipped,
-        "ema_model": unwrap_model(ema.ema_model).state_dict(),
+        "ema_model": OrderedDict((k, v) for k, v in tensors.items() if k not in shared) if shared else tensors,
     }
     masters = ema._plan.master_views(saving=True)
     if masters:
@@ -45,6 +48,10 @@ def load(ema: EMA, state_dict: Mapping[str, Any]) -> None:
     plan = ema._plan
     module = unwrap_model(ema.ema_model)
     own = module.state_dict()
+    shared = {p.name for p in plan.swap_pairs(roles=("share",))}  # the model's data: not the EMA's to load
+    given = state_dict["ema_model"]
+    if shared and isinstance(given, Mapping) and not shared <= set(given):  # saved without them (state_dict())
+        state_dict = {**state_dict, "ema_model": {**{k: own[k] for k in shared if k not in given}, **given}}
     if plan.zero:
         state_dict = _zero_parts(state_dict, plan.zero, own)
     check_tensors("state_dict['ema_model']", state_dict["ema_model"], own)
@@ -81,7 +88,6 @@ def load(ema: EMA, state_dict: Mapping[str, Any]) -> None:
                 f"state_dict['generator'] must be a generator state ({own_state.dtype} {tuple(own_state.shape)}), "
                 f"got {got!r}"
             )
-    shared = {p.name for p in plan.swap_pairs(roles=("share",))}  # the model's data: not the EMA's to load
     loaded = {k: v for k, v in ema_state.items() if k not in shared}
 
     with torch.no_grad():

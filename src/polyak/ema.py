@@ -590,7 +590,10 @@ class EMA:
 
         Holds only tensors and plain values, so it loads with ``torch.load(..., weights_only=True)``. The
         tensors are the EMA model's (like ``nn.Module.state_dict``), but for the masters of a sharded EMA,
-        which are copies; the schedule is a pure function of the count and is not saved.
+        which are copies, and for the parameters that are not averaged and the EMA model shares with the model
+        (``trainable_only=True`` and the like: the frozen base of an adapter), which are not saved; the
+        schedule is a pure function of the count and is not saved. Under ZeRO-3 they are this rank's
+        partitions (:meth:`full_state_dict` gathers them).
         """
         self._refuse_when_swapped("state_dict()")
         with torch.no_grad():
