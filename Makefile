@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test lint docs bench clean
+.PHONY: install demo test contract lint docs bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: install
 test: install
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -n 2
+
+# the contract suites (tests/contract/) with the deep hypothesis profile: thousands of examples (make test runs
+# them with the short CI profile)
+contract: install
+	POLYAK_CONTRACT=deep $(PY) -m pytest -q -p no:xdist tests/contract
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks examples

@@ -7,12 +7,16 @@ from hypothesis import HealthCheck, Phase, settings
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
-settings.register_profile(
+settings.register_profile(  # CI: the same examples every run, no database; a failure is reported unshrunk
+    # (shrinking a long sequence can take minutes: the deep profile shrinks, and test_found.py holds the minimal
+    # reproductions)
     "polyak-contract-ci",
     max_examples=40,
     stateful_step_count=20,
     deadline=None,
     derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=_QUIET,
     print_blob=True,
 )
