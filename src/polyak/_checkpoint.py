@@ -106,6 +106,8 @@ def load(ema: EMA, state_dict: Mapping[str, Any]) -> None:
                 value = sharding.local(ema_state[name] if value is None else value)
                 if k.has_master:
                     k.write_master(i, value)
+                    if k.master is not None:  # the EMA model shows the loaded average, as an update leaves it
+                        k.ema.views[i].copy_(k.master.views[i])
                 else:
                     k.ema.views[i].copy_(value)
     if generator is not None and own_generator is not None:

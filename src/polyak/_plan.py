@@ -5,9 +5,10 @@ A :class:`Plan` is built from both models (:func:`polyak._tracking.pair`), picks
 (:mod:`polyak._kernels`), and then answers, before every update and at a cost of a pointer comparison per
 module and a few per group, whether anything it relies on changed:
 
-* the modules' registrations and one canary tensor per module (:class:`polyak._tracking.Structure`): a
-  replaced submodule, a tensor registered anew, a module moved or converted;
-* the flat buffers' use counts: a view leaving a flat buffer (a ``.data`` assigned by hand, a module moved);
+* the modules' registrations and the data pointers of one canary tensor per module
+  (:class:`polyak._tracking.Structure`): a replaced submodule, a tensor registered anew, a module moved or
+  converted; and of every tensor whose data the plan holds by address (the views of a flat buffer, the model's
+  tensors the EMA model shares): a ``.data`` assigned by hand;
 * each kernel's own view of the tensors it reads (:meth:`polyak._kernels.Kernel.stale`): dtypes and shapes of
   the online tensors it reads as objects, the layout of flat views;
 * the version counters of the EMA model's tensors that have a master: whoever writes them (a load, an edit)
@@ -37,7 +38,6 @@ from polyak._tracking import (
     Structure,
     canaries,
     pair,
-    storage_users,
     unwrap_model,
     versions,
 )
@@ -114,6 +114,7 @@ class Plan:
         self._materialise(pairs)
         self._separate(pairs)
         self.unmaterialised = [p.name for p in pairs if p.online.device.type == "meta" and p.role != "keep"]
+        self.shared_names = [p.name for p in pairs if p.role == "share"]
         self.lasting.shared_guard.watch(self.ema_module, {p.name: p.online for p in pairs if p.role == "share"})
         groups: dict[tuple[Any, ...], list[Pair]] = {}
         for p in pairs:
@@ -240,16 +241,24 @@ class Plan:
 
     # -- whether it still holds ----------------------------------------------------------------------------------
     def _watch(self) -> None:
-        """Snapshot what :meth:`holds` checks: the models' structure, one tensor per module, the flat buffers'
-        use counts, the masters' version counters."""
+        """Snapshot what :meth:`holds` checks: the models' structure, the canaries' data pointers, the masters'
+        version counters."""
         names = [n for k in self.kernels if k.sharded is None for n in k.names] + self.copy_names
         # the registered tensors (a flat kernel holds views of their data, not them)
         online = dict(self.online_module.named_parameters()) | dict(self.online_module.named_buffers())
         ema = dict(self.ema_module.named_parameters()) | dict(self.ema_module.named_buffers())
         watched = canaries(names, [online[n] for n in names]) + canaries(names, [ema[n] for n in names])
+        # and every tensor whose data the plan holds by address: the views of a flat buffer (a `.data` assigned
+        # by hand moves the tensor out of it, also while something else holds the old memory) and the model's
+        # tensors that the EMA model shares (the EMA model's view must follow them)
+        seen = {id(t) for t in watched}
+        for t in [t for k in self.kernels for b in (k.online, k.ema) if b.flat is not None for t in b.views] + [
+            online[n] for n in self.shared_names
+        ]:
+            if id(t) not in seen and t.numel() and not sharding.is_sharded(t):
+                watched.append(t)
+                seen.add(id(t))
         self.structure = Structure([self.online_module, self.ema_module], watched)
-        flats = [b.flat for k in self.kernels for b in (k.online, k.ema) if b.flat is not None]
-        self._flat_users = [(t, storage_users(t)) for t in flats]
         self.master_kernels = [k for k in self.kernels if k.has_master]
         self.record_versions()
         self.simple = (
@@ -272,11 +281,7 @@ class Plan:
             # FSDP2 registers its gathered parameters in place of the sharded ones while they are in use (a
             # forward outside training keeps the root's so): the shards are what the EMA pairs
             sharding.reshard(self.fsdp_online + self.fsdp_ema)
-        return (
-            self.structure.unchanged()
-            and not any(storage_users(t) < n for t, n in self._flat_users)
-            and not any(k.stale() for k in self.kernels)
-        )
+        return self.structure.unchanged() and not any(k.stale() for k in self.kernels)
 
     def follow_writes(self) -> None:
         """Someone wrote into the EMA model (a load, in-place edits): where a tensor's version counter moved,
