@@ -204,3 +204,45 @@ def test_a_checkpoint_round_trip_through_torch_save_is_exact() -> None:
     fresh = EMA(model, momentum=0.3)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(fresh.state_dict()["master"]["weight"], ema.state_dict()["master"]["weight"])
+
+
+def test_a_resumed_ema_model_shows_the_loaded_master_and_keeps_it_through_a_conversion() -> None:
+    """A checkpoint of an fp16 model's EMA resumed by an EMA of the same model now in bf16: the masters load
+    exactly, but the EMA model holds the saved fp16 values rounded again (not the master rounded), and a
+    conversion before the next update (``ema_model.double()``, lifecycle.md: "the master keeps its precision")
+    takes those doubly rounded values as the average: the master's precision is lost (1e-3 here)."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64).half()
+    ema = EMA(model, momentum=0.3)
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight) * 0.1)
+        ema.update()
+    state = ema.state_dict()
+    model.bfloat16()
+    fresh = EMA(model, momentum=0.3)
+    fresh.load_state_dict(state)
+    master = fresh.state_dict()["master"]["weight"].clone()
+    assert torch.equal(master, state["master"]["weight"])
+    assert torch.equal(fresh.ema_model.weight, master.bfloat16())
+    fresh.ema_model.double()
+    fresh.update(momentum=0.0)
+    assert torch.equal(fresh.ema_model.weight, master.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16-model", "float32-model"])
+def test_stochastic_rounding_keeps_a_nan(dtype: torch.dtype) -> None:
+    """Stochastic rounding adds random low bits to the float32 result and masks them off: a NaN whose bits lie
+    within 0xFFFF of the top (every NaN of an fp16 model, staged to float32; a float32 NaN with a full payload)
+    carries into the sign bit and comes out as -0.0: the NaN is silently gone (split_float32 canonicalises NaNs
+    for this very reason; the stochastic path does not)."""
+    model = nn.Linear(4, 3).to(dtype)
+    ema = EMA(model, momentum=0.5, dtype=torch.bfloat16, stochastic_rounding=True)
+    with torch.no_grad():
+        if dtype == torch.float32:
+            model.bias.view(torch.int32)[1] = 0x7FFFFFFF  # a NaN
+        else:
+            model.bias[1] = float("nan")
+    assert model.bias[1].isnan()
+    ema.update()
+    assert ema.ema_model.bias[1].isnan(), ema.ema_model.bias[1].item()
