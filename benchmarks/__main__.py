@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -10,13 +11,14 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks import iteration, memory, report, targets
+from benchmarks import figures, iteration, memory, report, targets
 from benchmarks.impls import IMPLS, Step
 from benchmarks.shapes import SHAPES, floating_tensors
 from benchmarks.timing import evictor, measure_interleaved
@@ -84,7 +86,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=ROOT / "BENCHMARKS.md",
         help="where to write the report (default BENCHMARKS.md)",
     )
+    p.add_argument(
+        "--figures",
+        type=Path,
+        default=figures.FIGURES_DIR,
+        metavar="DIR",
+        help="where to draw the report's figures, SVG (default docs/figures; needs matplotlib)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown on stderr only if it is a terminal)"
+    )
     return p.parse_args(argv)
+
+
+class _NoBar:
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress(total: int, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar over the run's ``total`` stages on stderr, where ``enabled`` and tqdm is installed; the run's
+    own lines (stdout) print above it meanwhile. Otherwise an object with the same two methods that does
+    nothing: ``set_description(stage)`` and ``update()`` (a stage done)."""
+    try:
+        from tqdm import tqdm
+        from tqdm.contrib import DummyTqdmFile
+    except ImportError:  # tqdm is optional (the demo extra): no bar without it
+        enabled = False
+    if not enabled:
+        yield _NoBar()
+        return
+    with (
+        tqdm(total=total, file=sys.stderr, unit="stage", leave=False, dynamic_ncols=True) as bar,
+        contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)),
+    ):
+        yield bar
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder where it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def write(args: argparse.Namespace, run: dict[str, Any]) -> list[str]:
+    """Write the results, the figures and the report; return what was written where, a line each."""
+    report.write_json(args.json, run)
+    drawn = figures.draw(run, args.figures)
+    report.write_markdown(args.markdown, run, drawn)
+    lines = [f"  {_shown(args.json)}: the raw results", f"  {_shown(args.markdown)}: the report"]
+    lines += [f"  {_shown(f.path)}: a figure, {f.alt}" for f in drawn.values()]
+    if not figures.available():
+        lines.append("  no figures: matplotlib is not installed (pip install 'polyak[demo]')")
+    return lines
 
 
 def _loadavg() -> float | None:
@@ -223,9 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         run = json.loads(args.json.read_text(encoding="utf-8"))
         run["targets"] = targets.evaluate(run["results"], run["shapes"])
-        report.write_json(args.json, run)
-        report.write_markdown(args.markdown, run)
-        print(f"wrote {args.markdown} from {args.json} (its targets re-evaluated)")
+        written = write(args, run)
+        print(f"from {args.json} (its targets re-evaluated), wrote:", *written, sep="\n")
         return 0
     shape_keys = _keys(args.shapes, SHAPES, "shapes")
     impl_keys = _keys(args.impls, IMPLS, "implementations")
@@ -256,26 +315,39 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     shapes_info: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    for skey in shape_keys:
-        shape_info, shape_results = run_shape(skey, impl_keys, timing_kw, args.wait_quiet, evict)
-        shapes_info.append(shape_info)
-        results.extend(shape_results)
+    stages = len(shape_keys) + (not args.no_iteration) + (not args.no_memory) + (not args.no_scaling)
+    with progress(stages, not args.no_progress and sys.stderr.isatty()) as bar:  # a log file gets no bar
+        for skey in shape_keys:
+            bar.set_description(skey)
+            shape_info, shape_results = run_shape(skey, impl_keys, timing_kw, args.wait_quiet, evict)
+            shapes_info.append(shape_info)
+            results.extend(shape_results)
+            bar.update()
 
-    it = None
-    if not args.no_iteration:
-        print("demo model: timing ignite training iterations with and without an EMA ...", flush=True)
-        if args.wait_quiet > 0:
-            wait_quiet(args.wait_quiet)
-        before = _loadavg()
-        with OtherLoad() as other:
-            try:
-                it = iteration.measure(timing_kw)
-            except Exception as e:  # the update tables stand on their own
-                traceback.print_exc()
-                it = {"error": f"{type(e).__name__}: {e}"}
-        it.update(loadavg_before=before, loadavg_after=_loadavg(), other_load_cores=other.cores)
-    mem = None if args.no_memory else memory.measure_memory()
-    scaling = None if args.no_scaling else memory.measure_scaling()
+        it = None
+        if not args.no_iteration:
+            bar.set_description("iteration")
+            print("demo model: timing ignite training iterations with and without an EMA ...", flush=True)
+            if args.wait_quiet > 0:
+                wait_quiet(args.wait_quiet)
+            before = _loadavg()
+            with OtherLoad() as other:
+                try:
+                    it = iteration.measure(timing_kw)
+                except Exception as e:  # the update tables stand on their own
+                    traceback.print_exc()
+                    it = {"error": f"{type(e).__name__}: {e}"}
+            it.update(loadavg_before=before, loadavg_after=_loadavg(), other_load_cores=other.cores)
+            bar.update()
+        mem = scaling = None
+        if not args.no_memory:
+            bar.set_description("memory")
+            mem = memory.measure_memory()
+            bar.update()
+        if not args.no_scaling:
+            bar.set_description("scaling")
+            scaling = memory.measure_scaling()
+            bar.update()
     config["elapsed_s"] = round(time.perf_counter() - started, 1)
     config["loadavg_end"] = _loadavg()
 
@@ -307,9 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(report.scaling_lines(scaling, markdown=False)))
     print(f"\nTotal {config['elapsed_s']:.0f} s. {report.load_summary(run)}")
     if not args.no_write:
-        report.write_json(args.json, run)
-        report.write_markdown(args.markdown, run)
-        print(f"wrote {args.json} and {args.markdown}")
+        print("\nWrote:", *write(args, run), sep="\n")
     return 0
 
 

@@ -348,7 +348,18 @@ def _load_note(run: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_markdown(path: Path, run: dict[str, Any]) -> None:
+def _figure_lines(figures: dict[str, Any] | None, kind: str, path: Path) -> list[str]:
+    """The figure of ``kind`` (a :class:`benchmarks.figures.Figure`) as Markdown lines, numbered in the order of
+    ``figures``, its path relative to the Markdown file; nothing where it was not drawn."""
+    if not figures or kind not in figures:
+        return []
+    number = list(figures).index(kind) + 1
+    return [*figures[kind].markdown(path.resolve().parent, number), ""]
+
+
+def write_markdown(path: Path, run: dict[str, Any], figures: dict[str, Any] | None = None) -> None:
+    """Write the report of ``run`` to ``path``; ``figures`` (from :func:`benchmarks.figures.draw`) are shown in
+    their sections, above the tables they draw."""
     observations = _kept_observations(path)
     env, config, shapes, results = run["environment"], run["config"], run["shapes"], run["results"]
     best = run.get("best_alternative", {})
@@ -442,6 +453,7 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
         "",
         "## Results",
         "",
+        *_figure_lines(figures, "update-vs-floor", path),
         markdown_table(results, best),
         "",
         "◆ the best alternative of the shape. † compared with ignite's engine-event row.",
@@ -467,6 +479,7 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
             "never touched is not counted, memory freed but kept by the allocator is. The least an EMA can hold "
             "is its copy: 4 bytes per parameter in float32, 2 in bfloat16 (then without a float32 master).",
             "",
+            *_figure_lines(figures, "memory", path),
             *memory_lines(mem, markdown=True),
             "",
         ]
@@ -480,6 +493,7 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
             "(timed the same way), and the bytes per parameter held beyond the model. Time per parameter "
             "that stays flat from 10M up is linear growth: nothing in the update costs more than its share.",
             "",
+            *_figure_lines(figures, "scaling", path),
             *scaling_lines(scaling, markdown=True),
             "",
         ]
