@@ -89,9 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--figures",
         type=Path,
-        default=figures.FIGURES_DIR,
+        default=None,
         metavar="DIR",
-        help="where to draw the report's figures, SVG (default docs/figures; needs matplotlib)",
+        help="where to draw the report's figures, SVG (default docs/figures beside --markdown; needs matplotlib)",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (shown on stderr only if it is a terminal)"
@@ -138,7 +138,7 @@ def _shown(path: Path) -> str:
 def write(args: argparse.Namespace, run: dict[str, Any]) -> list[str]:
     """Write the results, the figures and the report; return what was written where, a line each."""
     report.write_json(args.json, run)
-    drawn = figures.draw(run, args.figures)
+    drawn = figures.draw(run, args.figures or args.markdown.parent / "docs" / "figures")
     report.write_markdown(args.markdown, run, drawn)
     lines = [f"  {_shown(args.json)}: the raw results", f"  {_shown(args.markdown)}: the report"]
     lines += [f"  {_shown(f.path)}: a figure, {f.alt}" for f in drawn.values()]
