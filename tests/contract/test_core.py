@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from hypothesis import note, settings
+from hypothesis import event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from torch import nn
@@ -260,22 +260,40 @@ class EMAContract(RuleBasedStateMachine):
     @initialize(data=st.data())
     def build(self, data: st.DataObject) -> None:
         mode = data.draw(self.fixed_modes if self.fixed_modes is not None else modes(), label="mode")
-        deferred = data.draw(st.booleans(), label="built on meta, then to_empty")
+        deferred = data.draw(st.sampled_from(["no", "EMA after to_empty", "EMA before to_empty"]), label="meta")
         seed = data.draw(st.integers(0, 2**16), label="seed")
         generator = torch.Generator().manual_seed(seed)
-        if deferred:
-            with torch.device("meta"):
-                model = Net(mode.large)
-            model.to_empty(device="cpu")
-        else:
-            with torch.random.fork_rng():
-                model = Net(mode.large)
-        initialise(model, generator)
-        model.to(mode.model_dtype)
-        note(f"mode: model {mode.model_dtype}, {mode}; deferred={deferred}")
+        note(f"mode: model {mode.model_dtype}, {mode}; deferred init: {deferred}")
         self.generator = generator
-        self.model = model
-        self.start(mode, EMA(model, **mode.kwargs()))
+        if deferred == "EMA before to_empty":
+            # lifecycle.md: an update before the model has values is refused naming the tensor; after to_empty()
+            # and initialisation the EMA model is made where it belongs and starts from the model's values
+            with torch.device("meta"):
+                model = Net(mode.large).to(mode.model_dtype)
+            self.model = model
+            ema = EMA(model, **mode.kwargs())
+            with pytest.raises(RuntimeError) as refused:
+                ema.update()
+            assert names_tensor(str(refused.value), set(tensors(model))), f"refused without a name: {refused.value}"
+            assert ema.num_updates == 0
+            model.to_empty(device="cpu")
+            initialise(model, generator)
+            ema.state_dict()  # any call of the EMA follows it
+            for n, t in tensors(ema.ema_model).items():
+                assert t.device == torch.device("cpu") and same_values(t, tensors(model)[n]), f"{n!r} after to_empty"
+            self.start(mode, ema)
+        else:
+            if deferred == "EMA after to_empty":
+                with torch.device("meta"):
+                    model = Net(mode.large)
+                model.to_empty(device="cpu")
+            else:
+                with torch.random.fork_rng():
+                    model = Net(mode.large)
+            initialise(model, generator)
+            model.to(mode.model_dtype)
+            self.model = model
+            self.start(mode, EMA(model, **mode.kwargs()))
         self.ref: dict[str, torch.Tensor] = {}
         self.bound: dict[str, torch.Tensor] = {}
         self.allowed: dict[str, list[torch.Tensor]] = {}
@@ -483,6 +501,7 @@ class EMAContract(RuleBasedStateMachine):
                 self.assert_model_unchanged(model_before, f"a refused {what}")
                 self.assert_refused(e, before, what)
                 self.refused_state = before
+                event(f"{what}: refused")
                 return False
         self.assert_model_unchanged(model_before, what)
         self.pending.clear()
@@ -497,6 +516,7 @@ class EMAContract(RuleBasedStateMachine):
             skipped = EmaState(before.values, counts, before.masters, before.generator, before.pending)
             self.assert_ema_unchanged(skipped, f"a skipped {what}")
             self.num_skipped += 1
+            event("update(): skipped")
             return True
         assert rule != "required", f"{what} averaged NaN/Inf in with skip_nonfinite=True ({self.mode})"
         assert self.ema.num_updates == k and self.ema.num_skipped == before.counts[1]
@@ -504,6 +524,7 @@ class EMAContract(RuleBasedStateMachine):
             f"{what} returned momentum {m!r}, expected {expected!r} (update {k}; {self.mode})"
         )
         self.fold(read, m)
+        event(f"update(): {'a copy' if m == 1.0 else 'momentum 0' if m == 0.0 else 'averaged'}")
         self.num_updates = k
         if snapshot_masters:
             self.check_masters()
@@ -800,6 +821,7 @@ class EMAContract(RuleBasedStateMachine):
         try:
             fresh.load_state_dict(loaded)
         except REFUSALS as e:  # across modes a state may not fit (say, masters of other tensors): said clearly
+            event("resume into another mode: refused")
             names = set(tensors(self.model))
             alike = all(t.dtype == fresh_before[n].dtype for n, t in tensors(self.ema.ema_model).items())
             assert where != "a fresh EMA" or not alike, f"a fresh EMA of the same mode refused its checkpoint: {e}"
@@ -809,6 +831,7 @@ class EMAContract(RuleBasedStateMachine):
             self.assert_model_unchanged(online, "a fresh EMA of the model")
             return
         self.assert_model_unchanged(online, "a fresh EMA of the model, resumed")
+        event(f"resumed into {where}")
         self.resumed(mode, fresh, loaded)
 
     def resumed(self, mode: Mode, fresh: EMA, loaded: dict[str, Any]) -> None:

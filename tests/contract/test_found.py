@@ -246,3 +246,27 @@ def test_stochastic_rounding_keeps_a_nan(dtype: torch.dtype) -> None:
     assert model.bias[1].isnan()
     ema.update()
     assert ema.ema_model.bias[1].isnan(), ema.ema_model.bias[1].item()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"device": "cpu"}, {"dtype": torch.bfloat16, "stochastic_rounding": True}],
+    ids=["device-cpu", "stochastic-rounding"],
+)
+def test_an_ema_built_before_to_empty_in_any_mode(kwargs: dict) -> None:
+    """lifecycle.md: an EMA built on a ``meta`` model before ``to_empty()`` refuses updates until the model has
+    values (naming the tensor), then starts from them. With ``device="cpu"`` the constructor fails instead
+    ("could not deep-copy ... pass it as ema_model="), with stochastic rounding too ("META device type not an
+    accelerator": the generator is made on meta)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).to(torch.bfloat16)
+    ema = EMA(model, momentum=0.5, **kwargs)
+    with pytest.raises(RuntimeError, match=r"0\.weight|0\.bias|1\.weight"):
+        ema.update()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.copy_(torch.randn(t.shape) if t.is_floating_point() else torch.zeros(t.shape))
+    ema.update()
+    for k, v in ema.ema_model.state_dict().items():
+        assert v.device.type == "cpu" and torch.equal(v, model.state_dict()[k]), k
