@@ -3,12 +3,18 @@ warnings as errors (the test suite builds it too: tests/test_docs.py)."""
 
 from __future__ import annotations
 
-import polyak
+import sys
+from pathlib import Path
+
+# the polyak beside these pages (a checkout or an unpacked sdist), not another one installed elsewhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import polyak  # noqa: E402
 
 project = "polyak"
 author = "the polyak developers"
 copyright = "2026, the polyak developers"
-release = version = polyak.__version__
+release = version = polyak.__version__  # the one source: pyproject.toml reads it too
 
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]
 source_suffix = {".md": "markdown"}

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from polyak.ignite import EMAHandler
 
 __all__ = ["EMA", "EMAHandler", "schedules"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:
