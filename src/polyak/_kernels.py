@@ -17,7 +17,6 @@ lives now. Private buffers (float32 masters, scratch, a flat buffer) are the ker
 from __future__ import annotations
 
 import abc
-import operator
 import types
 import warnings
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ import torch
 from torch import Tensor
 
 from polyak._sharding import local
-
-_DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
 
 
 @dataclass
@@ -130,25 +127,18 @@ class Kernel(abc.ABC):
         self.ema_dtype = ema.views[0].dtype
         self._plan: list[Chunk] | None = None
         self._pieces: list[tuple[Tensor, int]] = []  # the tensors read in pieces, and their data's address
-        self._seen = self._look()
 
-    def _look(self) -> list[Any] | None:
-        """What the update needs to stay as it was of the tensors it reads, which a ``.data`` assigned by hand
-        may change: of the online tensors it reads as objects, their dtypes and shapes; of the views of a flat
-        buffer (whose views leaving it the EMA notices by its use count), the layout of those of two or more
-        dimensions (``p.data = p.data.t()`` keeps the memory, but not the order of its elements)."""
+    def watched(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """What of the tensors it reads the update needs to stay as it was, which a ``.data`` assigned by hand may
+        change (:class:`polyak._tracking.Structure` checks it before each update): of the online tensors it
+        reads as objects, their dtypes and shapes; of the views of a flat buffer, their data pointers (a view
+        leaving it) and, with two or more dimensions, their strides (``p.data = p.data.t()`` keeps the memory,
+        not the order of its elements). Returns ``(shaped, pointed, strided)``."""
         if self.sharded is not None:
-            return None
-        if self.online.flat is None:
-            return list(map(_DTYPE_AND_SHAPE, self.online.views))
-        if not hasattr(self, "_layered"):
-            self._layered = [t for b in (self.online, self.ema) if b.flat is not None for t in b.views if t.dim() > 1]
-        return list(map(Tensor.stride, self._layered))
-
-    def stale(self) -> bool:
-        """Whether the online tensors changed in a way the update cannot follow as it is (the EMA re-pairs
-        then, before anything is written)."""
-        return self._seen is not None and self._look() != self._seen
+            return [], [], []
+        flat = [t for b in (self.online, self.ema) if b.flat is not None for t in b.views]
+        shaped = self.online.views if self.online.flat is None else []
+        return shaped, flat, [t for t in flat if t.dim() > 1]
 
     def refetch(self) -> None:
         if self.sharded is not None:
@@ -314,10 +304,10 @@ class Gathered(Kernel):
         assert ema.flat is not None and all(t.dim() == 1 for t in online.views)
         self.scratch: list[Tensor] = []
 
-    def _look(self) -> list[Any] | None:
+    def watched(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The online tensors' data pointers (half the cost of their dtypes and shapes, for many tensors): a
-        ``.data`` assigned by hand moves them; ``torch.cat`` reads any dtype."""
-        return list(map(Tensor.data_ptr, self.online.views))
+        ``.data`` assigned by hand moves them; ``torch.cat`` reads any dtype. The EMA side is a flat buffer."""
+        return [], self.online.views + self.ema.views, []
 
     def staged(self, c: Chunk) -> Buf:
         if not self.scratch:
@@ -423,6 +413,9 @@ class Stochastic(Staged):
             lerp(rounding, staging, m)
             # Adding uniform random bits below bfloat16's last place and truncating rounds up with probability
             # equal to the distance to the lower neighbour: unbiased.
+            # A NaN whose bits lie within 0xFFFF of the top of its sign's range (every NaN staged from float16) would
+            # carry into the sign bit: NaNs are made the canonical one first, as split_float32 does
+            rounding.flat.nan_to_num_(nan=_NAN, posinf=_INF, neginf=-_INF)
             noise = staging.flat.view(torch.int32)
             torch.randint(0, 1 << 16, noise.shape, out=noise, generator=self.generator)
             rounding.flat.view(torch.int32).add_(noise).bitwise_and_(self.mask)

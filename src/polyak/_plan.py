@@ -9,8 +9,8 @@ module and a few per group, whether anything it relies on changed:
   (:class:`polyak._tracking.Structure`): a replaced submodule, a tensor registered anew, a module moved or
   converted; and of every tensor whose data the plan holds by address (the views of a flat buffer, the model's
   tensors the EMA model shares): a ``.data`` assigned by hand;
-* each kernel's own view of the tensors it reads (:meth:`polyak._kernels.Kernel.stale`): dtypes and shapes of
-  the online tensors it reads as objects, the layout of flat views;
+* what each kernel needs of the tensors it reads (:meth:`polyak._kernels.Kernel.watched`), in the same check:
+  the dtypes and shapes of the online tensors it reads as objects, the strides of flat views;
 * the version counters of the EMA model's tensors that have a master: whoever writes them (a load, an edit)
   makes their values the average.
 
@@ -251,14 +251,20 @@ class Plan:
         # and every tensor whose data the plan holds by address: the views of a flat buffer (a `.data` assigned
         # by hand moves the tensor out of it, also while something else holds the old memory) and the model's
         # tensors that the EMA model shares (the EMA model's view must follow them)
+        shaped: list[Tensor] = []
+        strided: list[Tensor] = []
+        pointed = [online[n] for n in self.shared_names]
+        for k in self.kernels:
+            a, b, c = k.watched()
+            shaped += a
+            pointed += b
+            strided += c
         seen = {id(t) for t in watched}
-        for t in [t for k in self.kernels for b in (k.online, k.ema) if b.flat is not None for t in b.views] + [
-            online[n] for n in self.shared_names
-        ]:
+        for t in pointed:
             if id(t) not in seen and t.numel() and not sharding.is_sharded(t):
                 watched.append(t)
                 seen.add(id(t))
-        self.structure = Structure([self.online_module, self.ema_module], watched)
+        self.structure = Structure([self.online_module, self.ema_module], watched, shaped, strided)
         self.master_kernels = [k for k in self.kernels if k.has_master]
         self.record_versions()
         self.simple = (
@@ -281,7 +287,7 @@ class Plan:
             # FSDP2 registers its gathered parameters in place of the sharded ones while they are in use (a
             # forward outside training keeps the root's so): the shards are what the EMA pairs
             sharding.reshard(self.fsdp_online + self.fsdp_ema)
-        return self.structure.unchanged() and not any(k.stale() for k in self.kernels)
+        return self.structure.unchanged()
 
     def follow_writes(self) -> None:
         """Someone wrote into the EMA model (a load, in-place edits): where a tensor's version counter moved,

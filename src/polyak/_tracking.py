@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from polyak._sharding import is_deepspeed_engine, is_sharded, is_zero3, local
 
 _values = operator.methodcaller("values")  # also TorchScript modules' dict-like wrappers
+_DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
 _chain = itertools.chain.from_iterable
 
 
@@ -164,7 +165,9 @@ def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) 
         for m in ema.modules():  # ZeRO-3's hooks gather the model's parameters: the EMA model holds partitions
             for hooks in (m._forward_pre_hooks, m._forward_hooks, m._backward_hooks, m._backward_pre_hooks):
                 hooks.clear()
-    if device is not None:
+    if device is not None and not any(
+        t.device.type == "meta" for t in itertools.chain(ema.parameters(), ema.buffers())
+    ):
         ema.to(device)  # whatever deepcopy copied its own way (tensor subclasses); the rest is there already
     ema.requires_grad_(False)  # its own parameter objects only: the model's flags are the model's
     return ema
@@ -173,7 +176,7 @@ def copy_model(model: nn.Module, device: torch.device | None, shared: set[int]) 
 def _fresh(t: Tensor, device: torch.device | None) -> Tensor:
     """A copy of ``t`` on ``device``; of a ZeRO-3 parameter, a copy of this rank's partition."""
     t = local(t) if is_zero3(t) else t
-    target = t.device if device is None else device
+    target = t.device if device is None or t.device.type == "meta" else device  # meta: made when the model is
     out = torch.empty_like(t.detach(), device=target, memory_format=torch.preserve_format)
     return out.copy_(t.detach())
 
@@ -362,12 +365,12 @@ def _needs_identity(value: object) -> bool:
         return value.numel() <= 1  # a one-element tensor compares by value
     if isinstance(value, nn.Module):
         return type(value).__eq__ is not object.__eq__
-    return not (value is None or type(value) is int)  # data pointers compare by value
+    return not (value is None or type(value) in (int, tuple))  # data pointers, dtypes and shapes by value
 
 
 class Structure:
-    """What is registered in some modules and where some tensors' data lies, and a cheap check that it is
-    still so.
+    """What is registered in some modules, where some tensors' data lies (``canaries``), the dtypes and shapes
+    of some (``shaped``) and the strides of others (``strided``), and a cheap check that it is all still so.
 
     The registered values are read through live ``dict.values()`` views. Tensors with more than one element
     and plain modules are compared by one C-level list comparison (it moves on at once past identical
@@ -376,7 +379,13 @@ class Structure:
     ``module.to()``, ``.half()``... re-allocate all of a module's tensors) are compared in the same pass.
     """
 
-    def __init__(self, roots: Iterable[nn.Module], canaries: Sequence[Tensor] = ()) -> None:
+    def __init__(
+        self,
+        roots: Iterable[nn.Module],
+        canaries: Sequence[Tensor] = (),
+        shaped: Sequence[Tensor] = (),
+        strided: Sequence[Tensor] = (),
+    ) -> None:
         dicts = [d for root in roots for m in root.modules() for d in (m._modules, m._parameters, m._buffers)]
         if all(isinstance(d, dict) for d in dicts):
             views = [d.values() for d in dicts]  # live: they show what is registered now
@@ -384,14 +393,32 @@ class Structure:
         else:  # TorchScript modules hold dict-like wrappers whose values() is a copy
             self._read = lambda: _chain(map(_values, dicts))
         self.canaries = list(canaries)
-        self.values = [*self._read(), *map(Tensor.data_ptr, self.canaries)]
+        self.shaped = list(shaped)
+        self.strided = list(strided)
+        self._now = self._reader()
+        self.values = self._now()
         exact = [i for i, v in enumerate(self.values) if _needs_identity(v)]
         # itemgetter of one index returns the item, of several a tuple: always a tuple here
         self._pick = operator.itemgetter(*exact, exact[0]) if exact else None
         self._exact = tuple(self.values[i] for i in exact) + ((self.values[exact[0]],) if exact else ())
 
+    def _reader(self) -> Callable[[], list[object]]:
+        """The one list of everything checked, read by a function made for what there is to read."""
+        read, canaries, shaped, strided = self._read, self.canaries, self.shaped, self.strided
+        pointer = Tensor.data_ptr
+        if not shaped and not strided:
+            return lambda: [*read(), *map(pointer, canaries)]
+        if not strided:
+            return lambda: [*read(), *map(pointer, canaries), *map(_DTYPE_AND_SHAPE, shaped)]
+        return lambda: [
+            *read(),
+            *map(pointer, canaries),
+            *map(_DTYPE_AND_SHAPE, shaped),
+            *map(Tensor.stride, strided),
+        ]
+
     def unchanged(self) -> bool:
-        now = [*self._read(), *map(Tensor.data_ptr, self.canaries)]
+        now = self._now()
         try:
             if now != self.values:
                 return False

@@ -413,7 +413,7 @@ class EMA:
         torch._C._set_grad_enabled(False)
         try:
             plan = self._plan
-            if plan.simple and plan.structure.unchanged() and not plan.kernels[0].stale():
+            if plan.simple and plan.structure.unchanged():
                 # the common case, as directly as it goes: it is all of a small model's update
                 if m == 1.0:  # a copy, exactly (lerp's weight 1 keeps a NaN or Inf the EMA held)
                     torch._foreach_copy_(plan.simple_ema, plan.simple_online)
