@@ -905,8 +905,8 @@ class CompiledEMAContract(EMAContract):
 
 CompiledEMAContract.TestCase.settings = settings(
     SETTINGS,
-    max_examples=3 if PROFILE == "ci" else 100,
-    stateful_step_count=8 if PROFILE == "ci" else 30,
+    max_examples=2 if PROFILE == "ci" else 100,
+    stateful_step_count=6 if PROFILE == "ci" else 30,
 )
 TestCompiledEMAContract = CompiledEMAContract.TestCase
 
