@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import figures, iteration, memory, report, targets
+from benchmarks import figures, iteration, memory, report, targets, zero
 from benchmarks.impls import IMPLS, Step
 from benchmarks.shapes import SHAPES, floating_tensors
 from benchmarks.timing import evictor, measure_interleaved
@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the bytes-per-parameter table")
     p.add_argument("--no-scaling", action="store_true", help="skip the table of 1M to 1B parameters")
+    p.add_argument(
+        "--no-zero", action="store_true", help="skip the DeepSpeed ZeRO-3 table (2 ranks; --quick skips it too)"
+    )
     p.add_argument(
         "--warm-only",
         action="store_true",
@@ -315,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     shapes_info: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    stages = len(shape_keys) + (not args.no_iteration) + (not args.no_memory) + (not args.no_scaling)
+    with_zero = not (args.no_zero or args.quick)
+    stages = len(shape_keys) + (not args.no_iteration) + (not args.no_memory) + (not args.no_scaling) + with_zero
     with progress(stages, not args.no_progress and sys.stderr.isatty()) as bar:  # a log file gets no bar
         for skey in shape_keys:
             bar.set_description(skey)
@@ -348,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description("scaling")
             scaling = memory.measure_scaling()
             bar.update()
+        zero_run = None
+        if with_zero:
+            bar.set_description("zero")
+            print("DeepSpeed ZeRO-3: the EMA on each of 2 ranks ...", flush=True)
+            zero_run = zero.measure()
+            bar.update()
     config["elapsed_s"] = round(time.perf_counter() - started, 1)
     config["loadavg_end"] = _loadavg()
 
@@ -362,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "iteration": it,
         "memory": mem,
         "scaling": scaling,
+        "zero": zero_run,
     }
     print()
     print(report.console_table(results, best))
@@ -377,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     if scaling:
         print("\nScaling of polyak's default update:")
         print("\n".join(report.scaling_lines(scaling, markdown=False)))
+    if zero_run:
+        print("\nDeepSpeed ZeRO-3, per rank:")
+        print("\n".join(report.zero_lines(zero_run, markdown=False)))
     print(f"\nTotal {config['elapsed_s']:.0f} s. {report.load_summary(run)}")
     if not args.no_write:
         print("\nWrote:", *write(args, run), sep="\n")

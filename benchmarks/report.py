@@ -229,6 +229,37 @@ def scaling_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
     return _table(header, body, markdown)
 
 
+def zero_lines(run: dict[str, Any], markdown: bool) -> list[str]:
+    """DeepSpeed ZeRO-3 (benchmarks.zero), a row per model dtype and rank: the bytes the EMA holds there against
+    the whole EMA in one process, and its cold update against the floor over its partition and the whole EMA's."""
+    if run.get("error"):
+        return [f"not measured: {run['error']}"]
+
+    def mib(n: float) -> str:
+        return f"{n / 2**20:.1f} MiB"
+
+    def timed(r: dict[str, Any], key: str) -> str:
+        return f"{fmt_time(r[f'{key}_median_s'])} ({fmt_time(r[f'{key}_min_s'])})"
+
+    body = [
+        [
+            r["dtype"],
+            str(r["rank"]),
+            f"{mib(r['zero_bytes'])} ({r['zero_bytes'] / r['whole_bytes']:.0%})",
+            mib(r["whole_bytes"]),
+            timed(r, "zero"),
+            timed(r, "floor"),
+            f"{r['zero_median_s'] / r['floor_median_s']:.2f}x ({r['zero_min_s'] / r['floor_min_s']:.2f}x)",
+            timed(r, "whole"),
+            f"{r['zero_median_s'] / r['whole_median_s']:.2f}x ({r['zero_min_s'] / r['whole_min_s']:.2f}x)",
+        ]
+        for r in sorted(run["rows"], key=lambda r: (r["dtype"] != "float32", r["rank"]))
+    ]
+    header = ["model dtype", "rank", "EMA held on the rank", "whole EMA, one process", "update: median (min)"]
+    header += ["floor over the partition", "vs floor", "whole EMA's update, one process", "vs one process"]
+    return _table(header, body, markdown)
+
+
 # -- the iteration share --------------------------------------------------------------------------------
 _ITER_ROWS = [
     ("train", "ignite trainer, no EMA"),
@@ -495,6 +526,28 @@ def write_markdown(path: Path, run: dict[str, Any], figures: dict[str, Any] | No
             "",
             *_figure_lines(figures, "scaling", path),
             *scaling_lines(scaling, markdown=True),
+            "",
+        ]
+    zero = run.get("zero")
+    if zero:
+        z = zero.get("config", {})
+        params = next((r["params"] for r in zero.get("rows", [])), 0)
+        lines += [
+            "## DeepSpeed ZeRO-3: the EMA on each rank",
+            "",
+            f"`EMA(engine)` of a ZeRO-3 engine (DeepSpeed on the CPU, gloo, {z.get('ranks', 2)} ranks of "
+            f"{z.get('threads_per_rank', 1)} torch thread each; `benchmarks/zero.py`) around {z.get('layers', 0)} "
+            f"`nn.Linear({z.get('width', 0)}, {z.get('width', 0)})` ({params:,} parameters, all partitioned), "
+            "after a training step. Each rank averages its own partitions (`p.ds_tensor`), with no collective. "
+            "*Held*: the bytes of the tensors of the EMA's state on the rank (its partitions, and a bf16 model's "
+            "float32 masters), against the whole EMA of the same model in one process (what each rank holds "
+            "under DDP or ZeRO 1-2). Times: cold (a "
+            f"{z.get('evict_bytes', 0) / 2**20:.0f} MiB buffer written before each call), median (min) of "
+            f"{z.get('rounds', 0)} interleaved rounds that start together on both ranks: the ZeRO-3 update; the "
+            "floor, one float32 `lerp_` over as many elements as the rank's partitions; the whole EMA's update "
+            "in one process on the same rank. `--no-zero` skips it (and `--quick`).",
+            "",
+            *zero_lines(zero, markdown=True),
             "",
         ]
     it = run.get("iteration")
