@@ -509,7 +509,7 @@ def test_skip_nonfinite_covers_the_buffers_it_copies() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     ema = EMA(model, momentum=0.5, skip_nonfinite=True)
     before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
-    model[1].running_var[0] = float("nan")  # a copied NaN skips; a copied Inf is a value (tests/test_review_contract.py)
+    model[1].running_var[0] = float("nan")  # a copied NaN skips; a copied Inf is a value (test_review_contract.py)
     with pytest.warns(RuntimeWarning, match="skipped EMA update 1"):
         assert ema.update() == 0.0
     assert ema.num_skipped == 1 and ema.num_updates == 0

@@ -299,7 +299,9 @@ def test_flat_mode_follows_a_transposed_view_of_the_same_storage(side: str) -> N
     assert torch.allclose(ema.ema_model[0].weight.double(), expected, atol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"flat": True}, {"trainable_only": True}, {"master": "split"}, {"device": "cpu"}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"flat": True}, {"trainable_only": True}, {"master": "split"}, {"device": "cpu"}]
+)
 def test_an_ema_of_a_model_on_meta_follows_it_once_materialised(kwargs: dict) -> None:
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
