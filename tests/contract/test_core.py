@@ -816,6 +816,7 @@ class EMAContract(RuleBasedStateMachine):
         if where == "a fresh EMA of another mode":
             mode = data.draw(modes(large=st.just(self.mode.large)), label="other mode")
         note(f"resumed into {mode}")
+        self.remember_unselected()  # a flat EMA lays the model's tensors out anew: shared ones show the old data
         fresh = EMA(self.model, **mode.kwargs())
         fresh_before = clones(fresh.ema_model)
         try:

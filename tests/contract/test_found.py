@@ -270,3 +270,23 @@ def test_an_ema_built_before_to_empty_in_any_mode(kwargs: dict) -> None:
     ema.update()
     for k, v in ema.ema_model.state_dict().items():
         assert v.device.type == "cpu" and torch.equal(v, model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"master": "split"}, {"flat": True}], ids=["float32", "split", "flat"])
+def test_a_nan_in_one_element_does_not_drop_the_master_of_the_tensor_at_a_re_pairing(kwargs: dict) -> None:
+    """A re-pairing (refresh(), ema_model.float(), a .data dtype change of any tensor) keeps each master "whose EMA
+    values are unchanged", decided by torch.equal(round(master), ema_model's tensor): False wherever the tensor
+    holds a NaN, so one NaN element drops the float32 master of the whole tensor, and every finite element falls
+    back to its bf16 value (1e-3 here)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4).bfloat16()
+    ema = EMA(model, momentum=0.3, **kwargs)
+    with torch.no_grad():
+        model.weight.add_(torch.randn(4, 4).bfloat16() * 0.1)
+        model.weight[0, 0] = float("nan")
+    ema.update()
+    master = ema.state_dict()["master"]["weight"].clone()
+    ema.refresh()
+    after = ema.state_dict()["master"]["weight"]
+    finite = ~master.isnan()
+    assert torch.equal(after[finite], master[finite])
