@@ -203,8 +203,16 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit: dtype, shape and every byte."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+    """Bit for bit (dtype, shape, every byte: -0.0 is not 0.0), but any NaN is any NaN (a copy may make it
+    canonical)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point() and (a.isnan().any() or b.isnan().any()):
+        nan = a.isnan()
+        if not torch.equal(nan, b.isnan()):
+            return False
+        a, b = a.detach().masked_fill(nan, 0), b.detach().masked_fill(nan, 0)
+    return torch.equal(bits(a), bits(b))
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -290,3 +290,28 @@ def test_a_nan_in_one_element_does_not_drop_the_master_of_the_tensor_at_a_re_pai
     after = ema.state_dict()["master"]["weight"]
     finite = ~master.isnan()
     assert torch.equal(after[finite], master[finite])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"flat": True}, {"flat": True, "compile": True}], ids=["eager", "flat", "compile"]
+)
+def test_split_master_takes_a_write_into_the_ema_model_after_a_widening_conversion(kwargs: dict) -> None:
+    """lifecycle.md: an in-place write into the EMA model's tensors is the average. With master="split", after
+    ema_model.double() (the EMA model then holds the high halves) a write before the next update is joined with the
+    old low halves (they still "round" to the written values where those are bf16 numbers): the average is off by
+    the old low half (2e-4 here). The float32 master takes the write exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (compile: inductor's notes)
+        ema = EMA(model, momentum=0.3, master="split", **kwargs)
+        with torch.no_grad():
+            model[0].bias.add_(0.001)
+        ema.update()
+        ema.ema_model.double()
+        with torch.no_grad():
+            ema.ema_model[0].bias.mul_(0.5)
+        written = ema.ema_model[0].bias.detach().clone()
+        ema.update()
+    expected = written * 0.7 + model[0].bias.detach().double() * 0.3
+    assert torch.allclose(ema.ema_model[0].bias, expected, rtol=1e-6, atol=1e-7)
