@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -40,7 +41,8 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return sdist, wheel
 
 
-def test_sdist_carries_license_tests_benchmarks_examples_and_makefile(dists: tuple[Path, Path]) -> None:
+def test_sdist_carries_license_tests_benchmarks_examples_docs_changelog_and_makefile(dists: tuple[Path, Path]) -> None:
+    """What `make test` and `make docs` read from an unpacked sdist (CI runs them there: .ci/sdist-check)."""
     sdist, _ = dists
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
@@ -48,15 +50,46 @@ def test_sdist_carries_license_tests_benchmarks_examples_and_makefile(dists: tup
         "LICENSE",
         "README.md",
         "BENCHMARKS.md",
+        "CHANGELOG.md",
         "Makefile",
         "tests/_dist.py",
         "tests/test_ema.py",
+        "tests/test_docs.py",
         "benchmarks/__main__.py",
+        "benchmarks/results.json",
         "examples/fsdp2_ema.py",
         "src/polyak/py.typed",
+        "docs/conf.py",
+        "docs/index.md",
+        "docs/changelog.md",
+        ".ci/run",
+        ".ci/sdist-check",
     ):
         assert needed in names, needed
-    assert not any("__pycache__" in n for n in names)
+    pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*") if p.suffix in (".md", ".svg")}
+    assert pages and pages <= names, sorted(pages - names)  # every page and figure of the site
+    assert any(n.startswith("docs/figures/") and n.endswith(".svg") for n in names)
+    assert not any("__pycache__" in n or n.startswith("docs/_build") for n in names)
+
+
+def test_the_package_the_command_line_and_the_site_say_one_version(dists: tuple[Path, Path]) -> None:
+    """polyak.__version__ is the one source: the wheel's and sdist's metadata, --version and the site read it."""
+    import polyak
+
+    version = polyak.__version__
+    sdist, wheel = dists
+    assert sdist.name == f"polyak-{version}.tar.gz" and wheel.name.startswith(f"polyak-{version}-")
+    with zipfile.ZipFile(wheel) as z:
+        (metadata,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        assert Parser().parsestr(z.read(metadata).decode())["Version"] == version
+    with tarfile.open(sdist) as tar:
+        pkg_info = tar.extractfile(f"polyak-{version}/PKG-INFO")
+        assert pkg_info is not None and Parser().parsestr(pkg_info.read().decode())["Version"] == version
+    done = subprocess.run([sys.executable, "-m", "polyak", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"polyak {version}", done
+    site = runpy.run_path(str(ROOT / "docs" / "conf.py"))  # the site's configuration, as Sphinx reads it
+    assert site["release"] == site["version"] == version and version in site["html_title"]
+    assert f"## {version} - " in (ROOT / "CHANGELOG.md").read_text()  # the changelog has its entry
 
 
 def test_wheel_carries_license_and_needs_only_torch(dists: tuple[Path, Path]) -> None:
