@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+import polyak
 from benchmarks import targets as _targets
 from benchmarks.impls import FLOOR, IGNITE_FIRE, IMPLS
 
@@ -42,6 +43,7 @@ def environment() -> dict[str, Any]:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
+    versions["polyak"] = polyak.__version__  # the code that ran, whatever an installed copy's metadata says
     return {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_model": cpu_model(),
