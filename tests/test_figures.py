@@ -201,11 +201,20 @@ def test_the_bench_draws_the_figures_and_the_report_shows_them(tmp_path: Path, c
 
 
 def test_the_repository_figures_are_those_of_the_results_on_record(tmp_path: Path) -> None:
-    """BENCHMARKS.md's figures are drawn from benchmarks/results.json, not by hand (or from another run)."""
+    """BENCHMARKS.md's figures are drawn from benchmarks/results.json, not by hand (or from another run): byte for
+    byte with the matplotlib that drew them, their text (labels, ticks, titles) with another."""
+    import matplotlib
+
     root = Path(bench.__file__).resolve().parents[1]
     run = json.loads((root / "benchmarks" / "results.json").read_text())
-    for kind, fig in figures.draw(copy.deepcopy(run), tmp_path).items():
-        assert fig.path.read_bytes() == (root / "docs" / "figures" / f"{kind}.svg").read_bytes(), kind
+    drawn = figures.draw(copy.deepcopy(run), tmp_path)
+    assert list(drawn) == ["update-vs-floor", "memory", "scaling"]
+    for kind, fig in drawn.items():
+        on_record = root / "docs" / "figures" / f"{kind}.svg"
+        if f"Matplotlib v{matplotlib.__version__}," in on_record.read_text():
+            assert fig.path.read_bytes() == on_record.read_bytes(), kind
+        else:
+            assert _svg_text(fig.path) == _svg_text(on_record), kind
         assert f"]({Path('docs/figures') / fig.path.name})" in (root / "BENCHMARKS.md").read_text()
 
 
