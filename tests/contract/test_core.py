@@ -609,10 +609,21 @@ class EMAContract(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def replace_a_submodule(self, data: st.DataObject) -> None:
-        which = data.draw(st.sampled_from(["model alike", "ema_model alike", "model other shape"]), label="replace")
+        kinds = ["model alike", "ema_model alike", "model other shape", "ema.ema_model = a copy"]
+        which = data.draw(st.sampled_from(kinds), label="replace")
         head = self.model.head
         if which == "ema_model alike":
             self.ema.ema_model.head = copy.deepcopy(self.ema.ema_model.head)
+            return
+        if which == "ema.ema_model = a copy":  # lifecycle.md: followed, it is the EMA model from then on
+            model_before = clones(self.model)
+            self.ema.ema_model = copy.deepcopy(self.ema.ema_model)
+            self.assert_model_unchanged(model_before, "ema.ema_model = copy.deepcopy(ema.ema_model)")
+            for n, t in tensors(self.ema.ema_model).items():
+                if n in self.ref:
+                    self.written(n, t)  # "the next update averages into it, from its own values"
+                else:
+                    self.allowed[n].append(t.detach().clone())
             return
         before = self.ema_state(data.draw(st.booleans(), label="snapshot the masters first"))
         self.remember_unselected()
