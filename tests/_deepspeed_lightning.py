@@ -24,13 +24,8 @@ from torch import nn
 
 from polyak.lightning import EMACallback
 
-# DeepSpeed's CPU accelerator compiles a shared-memory collective at start-up (minutes on two cores): gloo suffices
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-OUT = Path(sys.argv[-1])  # (the launcher puts --local_rank first)
 MOMENTUM = 0.25
 STEPS = 6
-found: dict = {}
 
 
 class Net(L.LightningModule):
@@ -146,61 +141,76 @@ def loader(dataset):
     return torch.utils.data.DataLoader(dataset, batch_size=4)
 
 
-# 1. the strategy as Lightning ships it
-try:
-    trainer_with(DeepSpeedStrategy(config=config()), [EMACallback(momentum=MOMENTUM)]).fit(
-        Net(), loader(data(4 * STEPS * 2, 0))
-    )
-    found["stock"] = "ran"
-except Exception as e:
-    found["stock"] = f"{type(e).__name__}: {e}"
+def main() -> None:
+    """Every rank: the two fits, the checks, ``OUT/rank{r}.json`` (a program, run by the launcher: pytest's doctest
+    collection imports this module and must run nothing)."""
+    # DeepSpeed's CPU accelerator compiles a shared-memory collective at start-up (minutes on two cores): gloo suffices
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    out = Path(sys.argv[-1])  # (the launcher puts --local_rank first)
+    found: dict = {}
 
-# 2. the same strategy without its CUDA checks; weights_at_end="online": the default's copy into the module is tried
-# on its own below
-callback, reference = EMACallback(momentum=MOMENTUM, copy_first=0, weights_at_end="online"), Reference()
-model = Net()
-trainer = trainer_with(CPUDeepSpeedStrategy(config=config()), [callback, reference])
-try:
-    trainer.fit(model, loader(data(4 * STEPS * 2, 0)), loader(VALIDATION))
-    found["fit"] = "ran"
-except Exception as e:
-    found["fit"] = f"{type(e).__name__}: {e}"
-    found["fit_where"] = traceback.format_exc(limit=-4)
-RANK = int(os.environ["RANK"])
-ema = callback.ema
-if ema is not None and torch.distributed.is_initialized():
-    found["partitioned"] = all(hasattr(p, "ds_tensor") for p in model.parameters())
-    found["ema_numel"] = sum(t.numel() for t in ema.ema_model.state_dict().values())
-    found["model_numel"] = sum(p.ds_numel for p in model.parameters())
-    found["num_updates"] = ema.num_updates
-    found["reference_updates"] = getattr(reference, "updates", None)
-    found["diff"] = max_diff(ema.full_state_dict()["ema_model"], reference.ema)
-    found["val_loss"] = float(trainer.callback_metrics["val_loss"])
-    found["expected_val_loss"] = getattr(reference, "expected_val_loss", None)
-    found["online_back"] = max_diff(reference.online_at_end, reference.last_online) == 0.0  # validated between
-    # the callback's checkpoint state (Lightning asks every rank): the EMA whole
-    state = callback.state_dict()
-    whole = state.get("ema", {}).get("ema_model", {})
-    found["state_shapes"] = {k: list(v.shape) for k, v in whole.items()}
-    found["state_diff"] = max_diff(whole, reference.ema) if whole else None
-    # the strategy's checkpoint (engine.save_checkpoint on every rank, the callback's state in its client state)
+    # 1. the strategy as Lightning ships it
     try:
-        trainer.save_checkpoint(OUT / "last.ckpt")
-        found["save_checkpoint"] = "ok"
-        written = torch.load(  # DeepSpeed's file of this rank (pickled: DeepSpeed's own objects in it)
-            OUT / "last.ckpt" / "checkpoint" / f"zero_pp_rank_{RANK}_mp_rank_00_model_states.pt", weights_only=False
+        trainer_with(DeepSpeedStrategy(config=config()), [EMACallback(momentum=MOMENTUM)]).fit(
+            Net(), loader(data(4 * STEPS * 2, 0))
         )
-        in_file = written["callbacks"][callback.state_key]["ema"]
-        found["file_diff"] = max_diff(in_file["ema_model"], reference.ema)
-        found["file_num_updates"] = in_file["num_updates"]
+        found["stock"] = "ran"
     except Exception as e:
-        found["save_checkpoint"] = f"{type(e).__name__}: {e}"
-    # what weights_at_end="ema" (the default) does in on_train_end
+        found["stock"] = f"{type(e).__name__}: {e}"
+
+    # 2. the same strategy without its CUDA checks; weights_at_end="online": the default's copy into the module is tried
+    # on its own below
+    callback, reference = EMACallback(momentum=MOMENTUM, copy_first=0, weights_at_end="online"), Reference()
+    model = Net()
+    trainer = trainer_with(CPUDeepSpeedStrategy(config=config()), [callback, reference])
     try:
-        ema.copy_to(model)
-        found["copy_to_module"] = "ok"
+        trainer.fit(model, loader(data(4 * STEPS * 2, 0)), loader(VALIDATION))
+        found["fit"] = "ran"
     except Exception as e:
-        found["copy_to_module"] = f"{type(e).__name__}: {e}".splitlines()[0]
-(OUT / f"rank{RANK}.json").write_text(json.dumps(found, indent=1))
-if torch.distributed.is_initialized():
-    torch.distributed.barrier()
+        found["fit"] = f"{type(e).__name__}: {e}"
+        found["fit_where"] = traceback.format_exc(limit=-4)
+    rank = int(os.environ["RANK"])
+    ema = callback.ema
+    if ema is not None and torch.distributed.is_initialized():
+        found["partitioned"] = all(hasattr(p, "ds_tensor") for p in model.parameters())
+        found["ema_numel"] = sum(t.numel() for t in ema.ema_model.state_dict().values())
+        found["model_numel"] = sum(p.ds_numel for p in model.parameters())
+        found["num_updates"] = ema.num_updates
+        found["reference_updates"] = getattr(reference, "updates", None)
+        found["diff"] = max_diff(ema.full_state_dict()["ema_model"], reference.ema)
+        found["val_loss"] = float(trainer.callback_metrics["val_loss"])
+        found["expected_val_loss"] = getattr(reference, "expected_val_loss", None)
+        found["online_back"] = max_diff(reference.online_at_end, reference.last_online) == 0.0  # validated between
+        # the callback's checkpoint state (Lightning asks every rank): the EMA whole
+        state = callback.state_dict()
+        whole = state.get("ema", {}).get("ema_model", {})
+        found["state_shapes"] = {k: list(v.shape) for k, v in whole.items()}
+        found["state_diff"] = max_diff(whole, reference.ema) if whole else None
+        # the strategy's checkpoint (engine.save_checkpoint on every rank, the callback's state in its client state)
+        try:
+            trainer.save_checkpoint(out / "last.ckpt")
+            found["save_checkpoint"] = "ok"
+            written = torch.load(  # DeepSpeed's file of this rank (pickled: DeepSpeed's own objects in it)
+                out / "last.ckpt" / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False
+            )
+            in_file = written["callbacks"][callback.state_key]["ema"]
+            found["file_diff"] = max_diff(in_file["ema_model"], reference.ema)
+            found["file_num_updates"] = in_file["num_updates"]
+        except Exception as e:
+            found["save_checkpoint"] = f"{type(e).__name__}: {e}"
+        # what weights_at_end="ema" (the default) does in on_train_end
+        try:
+            ema.copy_to(model)
+            found["copy_to_module"] = "ok"
+        except Exception as e:
+            found["copy_to_module"] = f"{type(e).__name__}: {e}".splitlines()[0]
+    (out / f"rank{rank}.json").write_text(json.dumps(found, indent=1))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        # gloo's threads stopped before the interpreter's teardown, which otherwise aborts now and then
+        # ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

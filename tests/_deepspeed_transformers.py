@@ -19,15 +19,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from polyak.transformers import EMACallback
 
-# DeepSpeed's CPU accelerator compiles a shared-memory collective at start-up (minutes on two cores): gloo suffices
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-OUT = Path(sys.argv[-1])  # (the launcher puts --local_rank first)
-deepspeed.init_distributed(dist_backend="gloo")
-RANK = torch.distributed.get_rank()
 MOMENTUM = 0.25
 STEPS, ACCUMULATION, BATCH = 8, 2, 4
-found: dict = {}
 
 
 class Net(nn.Module):
@@ -102,90 +95,104 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
 
 
-config = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "zero_optimization": {
-        "stage": 3,
-        "stage3_param_persistence_threshold": 0,  # every parameter partitioned (none kept gathered)
-        "stage3_gather_16bit_weights_on_model_save": True,
-    },
-    "zero_allow_untested_optimizer": True,
-}
-args = TrainingArguments(
-    output_dir=str(OUT / "run"),
-    deepspeed=config,
-    use_cpu=True,
-    max_steps=STEPS,
-    per_device_train_batch_size=BATCH,
-    per_device_eval_batch_size=BATCH,
-    gradient_accumulation_steps=ACCUMULATION,
-    learning_rate=0.05,
-    lr_scheduler_type="constant",
-    eval_strategy="steps",
-    eval_steps=4,
-    save_strategy="steps",
-    save_steps=4,
-    save_only_model=False,
-    logging_steps=4,
-    report_to="none",
-    dataloader_num_workers=0,
-    disable_tqdm=True,
-    seed=0,
-)
-evaluation = data(8, 1)
-callback = EMACallback(momentum=MOMENTUM)
-reference = Reference(evaluation)
-model = Net()
-trainer = Trainer(
-    model=model,
-    args=args,
-    train_dataset=data(STEPS * ACCUMULATION * BATCH * 2, 0),
-    eval_dataset=evaluation,
-    callbacks=[callback, reference],
-)
-reference.callbacks = trainer.callback_handler.callbacks
-trainer.train()
-ema = callback.ema
-engine = trainer.model_wrapped
-module = engine.module
-found["engine"] = type(engine).__name__
-found["zero_stage"] = engine.zero_optimization_stage()
-found["partitioned"] = all(hasattr(p, "ds_tensor") for p in module.parameters())
-found["ema_numel"] = sum(t.numel() for t in ema.ema_model.state_dict().values())
-found["model_numel"] = sum(p.ds_numel for p in module.parameters())
-found["num_updates"] = ema.num_updates
-found["reference_updates"] = reference.updates
-full = ema.full_state_dict()["ema_model"]  # every rank: a collective
-found["diff"] = max_diff(full, reference.ema)
-found["evaluations"] = reference.evaluations
-found["online_back"] = max_diff(gathered(module), reference.online(module)) == 0.0
+def main() -> None:
+    """Every rank: train, compare, write ``OUT/rank{r}.json`` (a program, run by the launcher: pytest's doctest
+    collection imports this module and must run nothing)."""
+    # DeepSpeed's CPU accelerator compiles a shared-memory collective at start-up (minutes on two cores): gloo suffices
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    out = Path(sys.argv[-1])  # (the launcher puts --local_rank first)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    found: dict = {}
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,  # every parameter partitioned (none kept gathered)
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "zero_allow_untested_optimizer": True,
+    }
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        deepspeed=config,
+        use_cpu=True,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATION,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        save_only_model=False,
+        logging_steps=4,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+    evaluation = data(8, 1)
+    callback = EMACallback(momentum=MOMENTUM)
+    reference = Reference(evaluation)
+    model = Net()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data(STEPS * ACCUMULATION * BATCH * 2, 0),
+        eval_dataset=evaluation,
+        callbacks=[callback, reference],
+    )
+    reference.callbacks = trainer.callback_handler.callbacks
+    trainer.train()
+    ema = callback.ema
+    engine = trainer.model_wrapped
+    module = engine.module
+    found["engine"] = type(engine).__name__
+    found["zero_stage"] = engine.zero_optimization_stage()
+    found["partitioned"] = all(hasattr(p, "ds_tensor") for p in module.parameters())
+    found["ema_numel"] = sum(t.numel() for t in ema.ema_model.state_dict().values())
+    found["model_numel"] = sum(p.ds_numel for p in module.parameters())
+    found["num_updates"] = ema.num_updates
+    found["reference_updates"] = reference.updates
+    full = ema.full_state_dict()["ema_model"]  # every rank: a collective
+    found["diff"] = max_diff(full, reference.ema)
+    found["evaluations"] = reference.evaluations
+    found["online_back"] = max_diff(gathered(module), reference.online(module)) == 0.0
 
-# what the callback wrote: on_save and on_train_end run on rank 0 only
-checkpoint = OUT / "run" / f"checkpoint-{STEPS}"
-torch.distributed.barrier()
-with safe_open(str(checkpoint / "ema.safetensors"), framework="pt") as f:
-    found["saved_shapes"] = {k: list(f.get_tensor(k).shape) for k in f.keys()}  # noqa: SIM118
-    found["saved_metadata"] = dict(f.metadata())
-found["model_shapes"] = {n: list(p.ds_shape) for n, p in module.named_parameters()}
-final = OUT / "run" / "ema" / "ema.safetensors"  # on_train_end (the model has no save_pretrained)
-with safe_open(str(final), framework="pt") as f:
-    found["final_shapes"] = {k: list(f.get_tensor(k).shape) for k in f.keys()}  # noqa: SIM118
-found["checkpoint_files"] = sorted(os.listdir(checkpoint))
-own = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
-saved_partitions_of = {}
-with safe_open(str(checkpoint / "ema.safetensors"), framework="pt") as f:
-    for k in own:
-        saved_partitions_of[k] = torch.equal(f.get_tensor(k), own[k])
-found["file_is_this_ranks_partitions"] = all(saved_partitions_of.values())
-# resuming from that folder (what train(resume_from_checkpoint=...) does through on_train_begin): every rank loads
-# the one file rank 0 wrote
-try:
-    callback.load(checkpoint)
-    found["load"] = "ok"
-    found["diff_after_load"] = max_diff(ema.full_state_dict()["ema_model"], reference.ema)
-except Exception as e:
-    found["load"] = f"{type(e).__name__}: {e}"
-(OUT / f"rank{RANK}.json").write_text(json.dumps(found, indent=1))
-torch.distributed.barrier()
+    # what the callback wrote: on_save and on_train_end run on rank 0 only
+    checkpoint = out / "run" / f"checkpoint-{STEPS}"
+    torch.distributed.barrier()
+    with safe_open(str(checkpoint / "ema.safetensors"), framework="pt") as f:
+        found["saved_shapes"] = {k: list(f.get_tensor(k).shape) for k in f.keys()}  # noqa: SIM118
+        found["saved_metadata"] = dict(f.metadata())
+    found["model_shapes"] = {n: list(p.ds_shape) for n, p in module.named_parameters()}
+    final = out / "run" / "ema" / "ema.safetensors"  # on_train_end (the model has no save_pretrained)
+    with safe_open(str(final), framework="pt") as f:
+        found["final_shapes"] = {k: list(f.get_tensor(k).shape) for k in f.keys()}  # noqa: SIM118
+    found["checkpoint_files"] = sorted(os.listdir(checkpoint))
+    own = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    saved_partitions_of = {}
+    with safe_open(str(checkpoint / "ema.safetensors"), framework="pt") as f:
+        for k in own:
+            saved_partitions_of[k] = torch.equal(f.get_tensor(k), own[k])
+    found["file_is_this_ranks_partitions"] = all(saved_partitions_of.values())
+    # resuming from that folder (what train(resume_from_checkpoint=...) does through on_train_begin): every rank loads
+    # the one file rank 0 wrote
+    try:
+        callback.load(checkpoint)
+        found["load"] = "ok"
+        found["diff_after_load"] = max_diff(ema.full_state_dict()["ema_model"], reference.ema)
+    except Exception as e:
+        found["load"] = f"{type(e).__name__}: {e}"
+    (out / f"rank{rank}.json").write_text(json.dumps(found, indent=1))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo's threads stopped before the interpreter's teardown
+
+
+if __name__ == "__main__":
+    main()
