@@ -65,6 +65,16 @@ def dense_strides(t: Tensor) -> tuple[int, ...]:
     return t.stride() if ok else torch.empty(t.shape, device="meta").stride()
 
 
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values, a NaN where the other holds a NaN (``torch.equal`` is
+    False wherever a NaN is)."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def lerp(dst: Buf, src: Buf, m: float | Tensor) -> None:
     if dst.flat is not None and src.flat is not None:
         dst.flat.lerp_(src.flat, m)
@@ -248,7 +258,7 @@ class Kernel(abc.ABC):
         assert self.master is not None
         for i in changed:
             view, ema = self.master.views[i], self.ema.views[i]
-            if not torch.equal(view.to(self.ema_dtype), ema):
+            if not same_values(view.to(self.ema_dtype), ema):
                 view.copy_(ema)
 
     @property

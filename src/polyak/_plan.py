@@ -31,7 +31,18 @@ from torch import Tensor, nn
 
 from polyak import _sharding as sharding
 from polyak._flat import compact_state_dicts, flatten, flattenable, gatherable, scripted_owners
-from polyak._kernels import Buf, Compiled, CompiledSplit, Gathered, Kernel, Lerp, Split, Staged, Stochastic
+from polyak._kernels import (
+    Buf,
+    Compiled,
+    CompiledSplit,
+    Gathered,
+    Kernel,
+    Lerp,
+    Split,
+    Staged,
+    Stochastic,
+    same_values,
+)
 from polyak._tracking import (
     Pair,
     SharedGuard,
@@ -46,7 +57,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # the dtype a finiteness probe sums in: wide enough not to lose a NaN, never narrower than the tensor
 _WIDE_SUM = {torch.float64: torch.float64, torch.complex64: torch.complex64, torch.complex128: torch.complex128}
 
-Masters = dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]
+Masters = dict[str, tuple[Tensor, Callable[[Tensor], Tensor], Tensor, int | None]]
 
 
 @dataclass(frozen=True)
@@ -123,8 +134,9 @@ class Plan:
                 groups.setdefault(key, []).append(p)
         if self.options.stochastic_rounding and self.lasting.generator is None:
             device = next((p.ema.device for p in pairs if p.role == "lerp"), torch.device("cpu"))
-            self.lasting.generator = torch.Generator(device=device)
-            self.lasting.generator.manual_seed(self.lasting.seed)
+            if device.type != "meta":  # (a model on meta: made when it has values, where they are)
+                self.lasting.generator = torch.Generator(device=device)
+                self.lasting.generator.manual_seed(self.lasting.seed)
         self.kernels: list[Kernel] = [k for members in groups.values() for k in self._kernels_for(members)]
         copies = [p for p in pairs if p.role == "copy"]
         self.copy_ema = [sharding.local(p.ema) for p in copies]
@@ -225,8 +237,8 @@ class Plan:
         ema_dtype = ema.views[0].dtype
         acc = o.accumulator(ema_dtype)
         if o.stochastic_rounding and not ema_dtype.is_complex:
-            assert self.lasting.generator is not None
-            return Stochastic(names, online, ema, shards, self.lasting.generator)
+            generator = self.lasting.generator or torch.Generator()  # (on meta: never used, updates are refused)
+            return Stochastic(names, online, ema, shards, generator)
         if o.reads_as_is(members[0]):
             return Lerp(names, online, ema, shards)
         if o.master == "split" and ema_dtype == torch.bfloat16 and acc == torch.float32:
@@ -325,17 +337,22 @@ class Plan:
 
     # -- masters -------------------------------------------------------------------------------------------------
     def masters_by_name(self) -> Masters:
-        """Each master's values by tensor name, with how they were rounded into the EMA model."""
+        """Each master's values by tensor name, with how they were rounded into the EMA model, and the EMA
+        model's tensor with its version counter when the master was last its average."""
         out = {}
+        recorded = dict(zip(map(id, self.master_kernels), self._versions, strict=True))
         for k in self.kernels:
             if k.has_master and k.ema.views[0].device.type != "meta":  # a meta master holds nothing to keep
-                out.update({n: (v, k.round_master) for n, v in zip(k.names, k.master_values(), strict=True)})
+                versions_then = recorded.get(id(k), [None] * len(k.names))
+                for name, v, t, version in zip(k.names, k.master_values(), k.ema.views, versions_then, strict=True):
+                    out[name] = (v, k.round_master, t, version)
         return out
 
     def restore_masters(self, previous: Masters) -> None:
-        """After a re-pairing, keep each master whose EMA values are unchanged (a conversion of the EMA model,
-        not a load into it): its extra precision is not lost. Where the EMA model is now wide enough to hold
-        the average itself, the master's values go into it."""
+        """After a re-pairing, keep each master whose EMA values nobody wrote since (a conversion of the EMA
+        model keeps its tensors and their version counters; a load or an edit moves them): its extra precision
+        is not lost. A tensor registered anew (``assign=True``) keeps its master where its values still round
+        to it. Where the EMA model is now wide enough to hold the average itself, the master's values go in."""
         if not previous:
             return
         with torch.no_grad():
@@ -343,11 +360,14 @@ class Plan:
                 for i, name in enumerate(k.names):
                     if name not in previous:
                         continue
-                    master, rounded = previous[name]
+                    master, rounded, tensor, version = previous[name]
                     ema = k.ema.views[i]
-                    if master.shape != ema.shape or not torch.equal(
-                        rounded(master).to(device=ema.device, dtype=ema.dtype), ema
-                    ):
+                    if master.shape != ema.shape:
+                        continue
+                    if ema is tensor and version is not None:
+                        if ema._version != version:
+                            continue  # written since: the EMA model's values are the average
+                    elif not same_values(rounded(master).to(device=ema.device, dtype=ema.dtype), ema):
                         continue  # the EMA model holds other values now: they are the average
                     if k.has_master:
                         k.write_master(i, master)
