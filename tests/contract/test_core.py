@@ -72,7 +72,7 @@ class Net(nn.Module):
     (float and integer buffers), a frozen parameter, an attention-mask-like buffer; ``large``: one weight over
     a chunk."""
 
-    def __init__(self, large: bool = False) -> None:
+    def __init__(self, large: bool = False, scripted: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 2)
         self.sq = nn.Linear(5, 5)
@@ -82,6 +82,8 @@ class Net(nn.Module):
         self.register_buffer("mask", torch.zeros(4))
         if large:
             self.big = nn.Parameter(torch.randn(*LARGE) * 0.1)
+        if scripted:  # a TorchScript submodule (its registries are not plain dicts)
+            self.script = torch.jit.script(nn.Linear(3, 3))
 
 
 def initialise(model: nn.Module, generator: torch.Generator) -> None:
@@ -269,9 +271,11 @@ class EMAContract(RuleBasedStateMachine):
     def build(self, data: st.DataObject) -> None:
         mode = data.draw(self.fixed_modes if self.fixed_modes is not None else modes(), label="mode")
         deferred = data.draw(st.sampled_from(["no", "EMA after to_empty", "EMA before to_empty"]), label="meta")
+        scripted = deferred == "no" and data.draw(st.sampled_from([False] * 5 + [True]), label="scripted")
         seed = data.draw(st.integers(0, 2**16), label="seed")
         generator = torch.Generator().manual_seed(seed)
-        note(f"mode: model {mode.model_dtype}, {mode}; deferred init: {deferred}")
+        script = " with a TorchScript submodule" if scripted else ""
+        note(f"mode: model {mode.model_dtype}{script}, {mode}; deferred init: {deferred}")
         self.generator = generator
         if deferred == "EMA before to_empty":
             # lifecycle.md: an update before the model has values is refused naming the tensor; after to_empty()
@@ -297,7 +301,7 @@ class EMAContract(RuleBasedStateMachine):
                 model.to_empty(device="cpu")
             else:
                 with torch.random.fork_rng():
-                    model = Net(mode.large)
+                    model = Net(mode.large, scripted)
             initialise(model, generator)
             model.to(mode.model_dtype)
             self.model = model

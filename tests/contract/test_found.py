@@ -315,3 +315,25 @@ def test_split_master_takes_a_write_into_the_ema_model_after_a_widening_conversi
         ema.update()
     expected = written * 0.7 + model[0].bias.detach().double() * 0.3
     assert torch.allclose(ema.ema_model[0].bias, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"exclude": "0.*"}, {"include": "1.*"}, {"trainable_only": True}], ids=["exclude", "include", "trainable"]
+)
+def test_a_torchscript_submodule_left_out_of_the_average(kwargs: dict) -> None:
+    """lifecycle.md: "TorchScript submodules are averaged like any other"; leaving one out of the average (a frozen
+    scripted backbone) fails at construction: the guard on loads into shared parameters registers a
+    load_state_dict pre-hook, which ScriptModules refuse ("not supported on ScriptModules")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = nn.Sequential(torch.jit.script(nn.Linear(3, 3)), nn.Linear(3, 3))
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    ema = EMA(model, momentum=0.5, **kwargs)
+    start = ema.ema_model[1].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+        model[0].weight.add_(1.0)
+    ema.update()
+    assert torch.allclose(ema.ema_model[1].weight, start + 0.5)
+    assert torch.equal(ema.ema_model[0].weight, model[0].weight)  # not averaged: the model's own values
