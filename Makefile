@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test contract lint docs bench clean
+.PHONY: install demo test contract sdist-check lint docs bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test: install
 # them with the short CI profile)
 contract: install
 	POLYAK_CONTRACT=deep $(PY) -m pytest -q -p no:xdist tests/contract
+
+# CI's second step: the source distribution built, unpacked into a clean folder and tested there
+sdist-check: install
+	.ci/sdist-check
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks examples
