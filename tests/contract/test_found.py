@@ -318,7 +318,9 @@ def test_split_master_takes_a_write_into_the_ema_model_after_a_widening_conversi
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"exclude": "0.*"}, {"include": "1.*"}, {"trainable_only": True}], ids=["exclude", "include", "trainable"]
+    "kwargs",
+    [{"exclude": "0.*"}, {"include": "1.*"}, {"trainable_only": True}],
+    ids=["exclude", "include", "trainable"],
 )
 def test_a_torchscript_submodule_left_out_of_the_average(kwargs: dict) -> None:
     """lifecycle.md: "TorchScript submodules are averaged like any other"; leaving one out of the average (a frozen
