@@ -525,8 +525,8 @@ class EMAContract(RuleBasedStateMachine):
             assert self.mode.skip and rule != "forbidden", f"{what} skipped though the online model is finite"
             assert m == 0.0 and self.ema.num_updates == before.counts[0], f"a skipped {what} returned {m!r}"
             counts = (before.counts[0], before.counts[1] + 1)
-            skipped = EmaState(before.values, counts, before.masters, before.generator, before.pending)
-            self.assert_ema_unchanged(skipped, f"a skipped {what}")
+            unchanged = EmaState(before.values, counts, before.masters, before.generator, before.pending)
+            self.assert_ema_unchanged(unchanged, f"a skipped {what}")
             self.num_skipped += 1
             event("update(): skipped")
             return True
