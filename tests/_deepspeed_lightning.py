@@ -202,6 +202,7 @@ def main() -> None:
         try:
             ema.copy_to(model)
             found["copy_to_module"] = "ok"
+            found["copy_to_diff"] = max_diff(gathered(model), reference.ema)  # the module holds the average now
         except Exception as e:
             found["copy_to_module"] = f"{type(e).__name__}: {e}".splitlines()[0]
     (out / f"rank{rank}.json").write_text(json.dumps(found, indent=1))

@@ -144,6 +144,13 @@ def run(stage: int, key: str, bf16: bool = False, persistence: int = 0, of_engin
             result["other_rank_refused"] = False
         except ValueError as e:
             result["other_rank_refused"] = "ZeRO-3 partitions of rank" in str(e)
+        untagged = ema.state_dict()
+        untagged.pop("zero")  # partitions that do not say whose they are
+        try:
+            EMA(engine, momentum=momentum).load_state_dict(untagged)
+            result["untagged_refused"] = False
+        except ValueError as e:
+            result["untagged_refused"] = "must be the whole tensor" in str(e)
         step(engine, 10)
         for e in (ema, resumed, from_whole):
             e.update()

@@ -74,7 +74,7 @@ def test_zero3_holds_this_ranks_share_and_resumes_exactly(runs, case: str) -> No
         # half the model per rank (and the padding of the last partitions: at most one element a tensor)
         assert r["model_numel"] / 2 <= r["ema_numel"] <= r["model_numel"] / 2 + 4, r
         assert r["resume_diff"] == 0.0, r  # from this rank's state, and from the whole one
-        assert r["other_rank_refused"], r
+        assert r["other_rank_refused"] and r["untagged_refused"], r
         assert r["skipped_momentum"] == 0.0 and r["num_skipped"] == 1, r  # a NaN on rank 0 alone: both skip
     for r in ("stage1", "stage2"):  # stages 1 and 2: parameters whole, the EMA whole on every rank
         assert runs["ranks"][0][r]["ema_numel"] == runs["ranks"][0][r]["model_numel"]

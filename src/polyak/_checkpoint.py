@@ -135,12 +135,19 @@ def _zero_parts(state_dict: Mapping[str, Any], zero: dict[str, Tensor], own: Map
     def parts(tensors: object) -> object:
         if not isinstance(tensors, Mapping):
             return tensors
-        return {
-            k: sharding.zero_part(v, zero[k], own[k])
-            if k in zero and isinstance(v, Tensor) and tuple(v.shape) == tuple(zero[k].ds_shape)  # type: ignore[attr-defined]
-            else v
-            for k, v in tensors.items()
-        }
+        out = {}
+        for k, v in tensors.items():
+            if k in zero and isinstance(v, Tensor):
+                whole = tuple(zero[k].ds_shape)  # type: ignore[attr-defined]
+                if tuple(v.shape) != whole:  # a partition without its rank: which one, nobody can tell
+                    raise ValueError(
+                        f"state_dict[...][{k!r}] must be the whole tensor, of shape {whole}, got {tuple(v.shape)}: "
+                        "a state of ZeRO-3 partitions says whose they are (state_dict['zero'], as EMA.state_dict() "
+                        "writes it); save the whole EMA with full_state_dict()"
+                    )
+                v = sharding.zero_part(v, zero[k], own[k])
+            out[k] = v
+        return out
 
     out = dict(state_dict)
     out["ema_model"] = parts(state_dict["ema_model"])

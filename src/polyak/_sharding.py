@@ -87,6 +87,35 @@ def zero_release(params: Iterable[Tensor]) -> None:
             p.partition(has_been_updated=False)  # type: ignore[attr-defined]
 
 
+def zero_copy_into(target: nn.Module, ema: nn.Module, partitioned: dict[str, Tensor]) -> None:
+    """Copy an EMA model into a ZeRO-3 module (the model itself, say, at the end of training): each partitioned
+    parameter takes this rank's partition (the EMA's own where the EMA is partitioned alike, else sliced from
+    its whole tensor), whatever DeepSpeed keeps gathered is freed; buffers and whole parameters are copied."""
+    own = dict(ema.named_parameters()) | dict(ema.named_buffers())
+    theirs = dict(target.named_parameters()) | dict(target.named_buffers())
+    if set(own) != set(theirs):
+        raise ValueError(
+            f"module does not match the EMA model: missing {sorted(set(own) - set(theirs))}, "
+            f"unexpected {sorted(set(theirs) - set(own))}"
+        )
+    with torch.no_grad():
+        for name, t in theirs.items():
+            source = own[name].detach()
+            if not is_zero3(t):
+                t.copy_(source)
+                continue
+            part = local(t)
+            if name not in partitioned:  # the EMA holds it whole
+                source = zero_part(source, t, part)
+            if source.shape != part.shape:
+                raise ValueError(
+                    f"module's {name!r} is partitioned by ZeRO-3 in {part.numel()} elements here, the EMA's "
+                    f"partition has {source.numel()}: the module must be partitioned like the model"
+                )
+            part.copy_(source)
+        zero_release(p for p in target.parameters() if is_zero3(p))
+
+
 def zero_rank() -> tuple[int, int]:
     """This rank and the world size, where a process group runs (else ``(0, 1)``)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -546,10 +546,14 @@ class EMA:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self._refuse_when_swapped("copy_to()")
-        if self._plan.zero:  # the EMA model holds this rank's partitions: gathered whole (a collective)
-            unwrap_model(module).load_state_dict(self.full_state_dict()["ema_model"])
+        target = unwrap_model(module)
+        if any(sharding.is_zero3(p) for p in target.parameters()):  # a ZeRO-3 module: partition for partition
+            sharding.zero_copy_into(target, unwrap_model(self.ema_model), self._plan.zero)
             return
-        unwrap_model(module).load_state_dict(unwrap_model(self.ema_model).state_dict())
+        if self._plan.zero:  # the EMA model holds this rank's partitions: gathered whole (a collective)
+            target.load_state_dict(self.full_state_dict()["ema_model"])
+            return
+        target.load_state_dict(unwrap_model(self.ema_model).state_dict())
 
     def hook(self, optimizer: torch.optim.Optimizer) -> _Handles:
         """Update the EMA after every ``optimizer.step()``; returns a handle whose ``remove()`` undoes it.

@@ -228,18 +228,33 @@ class EMACallback(TrainerCallback):
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _Run.of(state).leave()
-        if self.ema is not None and state.is_world_process_zero:
-            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if self.ema is None:
+            return
+        whole = self._whole_state()  # on every rank: under ZeRO-3 a gather (a collective)
+        if state.is_world_process_zero:
+            self._save(Path(args.output_dir) / f"checkpoint-{state.global_step}", whole)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _Run.of(state).leave()
-        if self.ema is None or self.final_dir is None or not state.is_world_process_zero:
+        if self.ema is None or self.final_dir is None:
+            return
+        whole = self._whole_state()
+        if not state.is_world_process_zero:
             return
         model = self.ema.ema_model
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(Path(args.output_dir) / self.final_dir)
+            # under ZeRO-3 the EMA model holds this rank's partitions: the gathered weights are written
+            tensors = None if whole is None else whole["ema_model"]
+            model.save_pretrained(Path(args.output_dir) / self.final_dir, state_dict=tensors)
         else:
-            self.save(Path(args.output_dir) / self.final_dir)
+            self._save(Path(args.output_dir) / self.final_dir, whole)
+
+    def _whole_state(self) -> dict[str, Any] | None:
+        """Under DeepSpeed ZeRO-3, the EMA gathered whole (call on every rank); otherwise None (nothing to
+        gather: the EMA model holds the whole average)."""
+        if self.ema is None or not self.ema._plan.zero:
+            return None
+        return self.ema.full_state_dict()
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write the EMA into ``folder`` (created if missing): its weights as :attr:`weights_name` (with the
@@ -247,9 +262,12 @@ class EMACallback(TrainerCallback):
         :attr:`masters_name`. Each file is written whole or not at all (a temporary file, renamed)."""
         if self.ema is None:
             raise RuntimeError("EMACallback.save(): no EMA yet (on_train_begin builds it)")
-        folder = Path(folder)
+        return self._save(Path(folder), self._whole_state())
+
+    def _save(self, folder: Path, whole: dict[str, Any] | None) -> Path:
+        assert self.ema is not None
         folder.mkdir(parents=True, exist_ok=True)
-        state = self.ema.state_dict()
+        state = self.ema.state_dict() if whole is None else whole
         counts = {"num_updates": str(state["num_updates"]), "num_skipped": str(state["num_skipped"])}
         metadata = {"format": FORMAT, **counts}
         masters = state.get("master")
@@ -259,7 +277,11 @@ class EMACallback(TrainerCallback):
         elif (folder / self.masters_name).is_file():
             (folder / self.masters_name).unlink()  # another run's, which would not match these weights
         model = self.ema.ema_model
-        _write(folder / self.weights_name, lambda tmp: save_model(model, tmp, metadata=metadata))
+        if whole is None:
+            _write(folder / self.weights_name, lambda tmp: save_model(model, tmp, metadata=metadata))
+        else:  # whole tensors, each of its own (gathered under ZeRO-3)
+            weights = {k: v.contiguous() for k, v in whole["ema_model"].items() if isinstance(v, Tensor)}
+            _write(folder / self.weights_name, lambda tmp: save_file(weights, tmp, metadata=metadata))
         return folder / self.weights_name
 
     def load(self, folder: str | os.PathLike[str]) -> None:
@@ -281,7 +303,13 @@ class EMACallback(TrainerCallback):
         path = folder / self.weights_name
         metadata, found = _read(path)
         counts = {key: _count(path, metadata, key) for key in ("num_updates", "num_skipped")}
-        state: dict[str, Any] = {**counts, "ema_model": _match(path, found, ema.ema_model.state_dict())}
+        own = ema.ema_model.state_dict()
+        if ema._plan.zero:  # ZeRO-3: the files hold whole tensors, of which each rank takes its partition
+            own = {
+                k: torch.empty(ema._plan.zero[k].ds_shape, dtype=v.dtype) if k in ema._plan.zero else v
+                for k, v in own.items()
+            }
+        state: dict[str, Any] = {**counts, "ema_model": _match(path, found, own)}
         own_masters = ema.state_dict().get("master", {})
         masters_path = folder / self.masters_name
         if masters_path.is_file():
