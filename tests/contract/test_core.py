@@ -550,6 +550,12 @@ class EMAContract(RuleBasedStateMachine):
         self.update(data, steps=self.steps(data))
 
     @rule(data=st.data())
+    def train_step(self, data: st.DataObject) -> None:
+        """What a training loop does most: an optimizer step, then an update."""
+        self.optimizer_step(data)
+        self.update(data, steps=self.steps(data))
+
+    @rule(data=st.data())
     def update_with_a_momentum(self, data: st.DataObject) -> None:
         m = data.draw(st.sampled_from([0.0, 1.0]) | st.floats(0.001, 0.999), label="momentum")
         as_tensor = data.draw(st.booleans(), label="as a 0-d tensor")
