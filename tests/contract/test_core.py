@@ -35,6 +35,7 @@ Stochastic rounding is checked by that bound only (unbiasedness is a statistical
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import io
@@ -265,6 +266,7 @@ class EMAContract(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.held: list[torch.Tensor] = []  # references users keep to old storages
+        self.others: list[EMA] = []  # other EMAs of the same model
 
     # -- construction ------------------------------------------------------------------------------------------
     @initialize(data=st.data())
@@ -492,32 +494,39 @@ class EMAContract(RuleBasedStateMachine):
         steps: int = 1,
         what: str = "update()",
         before: EmaState | None = None,
+        call: Callable[[dict[str, Any]], None] | None = None,
     ) -> bool:
         """One update, checked; False where it was refused (and changed nothing). ``before``: the EMA's state
-        taken before the user's change (where the change makes every EMA call refuse)."""
-        read = clones(self.model)
-        if before is None:
-            before = self.ema_state(data.draw(st.booleans(), label="snapshot the masters first"))
-        snapshot_masters = before.masters is not None
-        model_before = clones(self.model)
+        taken before the user's change (where the change makes every EMA call refuse). ``call``: something that
+        makes the update itself (an optimizer step with ``ema.hook``), filling in ``read`` and ``before`` just
+        before it (the update's momentum is then the expected one: the hook does not return it)."""
         k = self.num_updates + 1
         expected = self.expected_momentum(k, momentum, steps)
-        args: dict[str, Any] = {}
-        if momentum is not None:
-            args["momentum"] = momentum
+        seen: dict[str, Any] = {}
+        if call is None:
+            seen["read"] = clones(self.model)
+            seen["before"] = before or self.ema_state(data.draw(st.booleans(), label="snapshot the masters first"))
+        args: dict[str, Any] = {} if momentum is None else {"momentum": momentum}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # skip_nonfinite's warning
             try:
-                m = self.ema.update(steps, **args) if steps != 1 else self.ema.update(**args)
+                if call is None:
+                    m = self.ema.update(steps, **args) if steps != 1 else self.ema.update(**args)
+                else:
+                    call(seen)
             except REFUSALS as e:
-                self.assert_model_unchanged(model_before, f"a refused {what}")
-                self.assert_refused(e, before, what)
-                self.refused_state = before
+                self.assert_model_unchanged(seen["read"], f"a refused {what}")
+                self.assert_refused(e, seen["before"], what)
+                self.refused_state = seen["before"]
                 event(f"{what}: refused")
                 return False
-        self.assert_model_unchanged(model_before, what)
-        self.pending.clear()
+        read, before = seen["read"], seen["before"]
         skipped = self.ema.num_skipped == before.counts[1] + 1
+        if call is not None:
+            m = 0.0 if skipped else expected
+        snapshot_masters = before.masters is not None
+        self.assert_model_unchanged(read, what)
+        self.pending.clear()
         if not skipped:
             self.pending_update.clear()
         rule = self.skip_rule(read) if self.mode.skip else "never"
@@ -531,7 +540,9 @@ class EMAContract(RuleBasedStateMachine):
             event("update(): skipped")
             return True
         assert rule != "required", f"{what} averaged NaN/Inf in with skip_nonfinite=True ({self.mode})"
-        assert self.ema.num_updates == k and self.ema.num_skipped == before.counts[1]
+        assert self.ema.num_updates == k and self.ema.num_skipped == before.counts[1], (
+            f"{what}: counts {self.ema.num_updates, self.ema.num_skipped}, expected {k, before.counts[1]}"
+        )
         assert isinstance(m, float) and math.isclose(m, expected, rel_tol=1e-12), (
             f"{what} returned momentum {m!r}, expected {expected!r} (update {k}; {self.mode})"
         )
@@ -554,6 +565,51 @@ class EMAContract(RuleBasedStateMachine):
         """What a training loop does most: an optimizer step, then an update."""
         self.optimizer_step(data)
         self.update(data, steps=self.steps(data))
+
+    @rule(data=st.data())
+    def hooked_optimizer_step(self, data: st.DataObject) -> None:
+        """``ema.hook(optimizer)``: the update runs after ``optimizer.step()`` (SGD on the trainable parameters)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        for p in params:
+            p.grad = self.noise(p, 1.0)
+
+        def step(seen: dict[str, Any]) -> None:
+            def look(*_: Any) -> None:  # registered first: runs after the step, before the EMA's hook
+                seen["read"], seen["before"] = clones(self.model), self.ema_state(False)
+
+            handles = [optimizer.register_step_post_hook(look), self.ema.hook(optimizer)]
+            try:
+                optimizer.step()
+            finally:
+                for h in handles:
+                    h.remove()
+
+        self.update(data, what="optimizer.step() with ema.hook(optimizer)", call=step)
+        for p in params:
+            p.grad = None
+
+    @rule(data=st.data())
+    def another_ema_of_the_model(self, data: st.DataObject) -> None:
+        """Another EMA of the same model (a second decay, a post-hoc profile), of any mode, that lives on: building
+        it (a flat one lays the model's tensors out anew) and updating it leave this EMA and the model alone."""
+        online, before = clones(self.model), self.ema_state(False)
+        if len(self.others) < 2:
+            mode = data.draw(modes(large=st.just(self.mode.large)), label="another EMA")
+            self.remember_unselected()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.others.append(EMA(self.model, **mode.kwargs()))
+            what = f"another EMA of the model ({mode})"
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                for other in self.others:
+                    with contextlib.suppress(*REFUSALS):  # (its own contract is not checked here)
+                        other.update()
+            what = "another EMA's update()"
+        self.assert_model_unchanged(online, what)
+        self.assert_ema_unchanged(before, what)
 
     @rule(data=st.data())
     def update_with_a_momentum(self, data: st.DataObject) -> None:
