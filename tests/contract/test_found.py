@@ -339,3 +339,27 @@ def test_a_torchscript_submodule_left_out_of_the_average(kwargs: dict) -> None:
     ema.update()
     assert torch.allclose(ema.ema_model[1].weight, start + 0.5)
     assert torch.equal(ema.ema_model[0].weight, model[0].weight)  # not averaged: the model's own values
+
+
+def test_an_ema_model_converted_when_the_model_mixes_dtypes_follows_or_refuses_before_writing() -> None:
+    """A model whose parameters are not all of one dtype (one float64 tensor here); ``ema.ema_model.float()``
+    (lifecycle.md: followed). The next update writes some groups, then fails in torch's lerp ("expected dtype
+    float for `end` but got dtype double"): half an update, no tensor named, num_updates not counted."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model[1].weight.data = model[1].weight.data.double()
+    ema = EMA(model, momentum=0.3)
+    ema.ema_model.float()
+    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    try:
+        ema.update()
+    except (TypeError, RuntimeError) as e:
+        assert "1.weight" in str(e)
+        for k, v in ema.ema_model.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} written by a refused update"
+        return
+    for k, p in model.named_parameters():
+        expected = before[k].double().lerp(p.detach().double(), 0.3)
+        assert torch.allclose(ema.ema_model.get_parameter(k).double(), expected, atol=1e-6), k
