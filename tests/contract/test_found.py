@@ -363,3 +363,21 @@ def test_an_ema_model_converted_when_the_model_mixes_dtypes_follows_or_refuses_b
     for k, p in model.named_parameters():
         expected = before[k].double().lerp(p.detach().double(), 0.3)
         assert torch.allclose(ema.ema_model.get_parameter(k).double(), expected, atol=1e-6), k
+
+
+def test_an_ema_model_converted_narrower_shows_its_master_rounded_once() -> None:
+    """(Minor.) An fp16 EMA model with its float32 master, converted to bf16: the master is kept (good), but the EMA
+    model keeps the conversion's double rounding (bf16 of fp16 of the master) after the EMA followed the change
+    (state_dict() here), so ``ema.load_state_dict(ema.state_dict())`` is not a no-op: it writes bf16(master)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 3)).half()
+    ema = EMA(model, momentum=0.3)
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(5, 5).half() * 0.1)
+    ema.update()
+    ema.ema_model.bfloat16()
+    state = ema.state_dict()
+    assert torch.equal(ema.ema_model[0].weight, state["master"]["0.weight"].bfloat16())
+    before = ema.ema_model[0].weight.detach().clone()
+    ema.load_state_dict(state)
+    assert torch.equal(ema.ema_model[0].weight, before)
