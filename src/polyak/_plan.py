@@ -171,11 +171,18 @@ class Plan:
         came to share memory with the model's (a load with assign=True from the other model's state_dict)
         gets data of its own, the same values."""
         o = self.options
+        # a TorchScript module takes no load hook, which guards the model's shared tensors: its are copied
+        scripted = scripted_owners([self.online_module, self.ema_module], [p.name for p in pairs if p.is_param])
         with torch.no_grad():
             for p in pairs:
                 unselected = p.is_param and o.selected is not None and not o.selected(p.name, p.online)
                 alike = p.online.dtype == p.ema.dtype and p.online.device == p.ema.device
-                shareable = o.device is None and not o.given_ema_model and not sharding.is_sharded(p.online)
+                shareable = (
+                    o.device is None
+                    and not o.given_ema_model
+                    and not sharding.is_sharded(p.online)
+                    and p.name not in scripted
+                )
                 if unselected and p.role == "copy" and alike and shareable:
                     p.ema.data = p.online.detach()
                     p.role, p.aliased = "share", True

@@ -199,6 +199,8 @@ class SharedGuard:
         if not shared:
             return
         for prefix, module in ema_module.named_modules(remove_duplicate=False):
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # takes no hook (and shares nothing: its tensors are copied instead)
             if id(module) not in self._hooked:
                 module.register_load_state_dict_pre_hook(_Hook(self, module, prefix))
                 self._hooked.add(id(module))
