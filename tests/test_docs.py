@@ -97,7 +97,13 @@ def test_the_site_builds_without_a_warning_and_documents_every_public_name(tmp_p
                     f"{module_name}.{name}.{m}" for m in _members(obj) if not {f"{o}.{m}" for o in owners} & documented
                 ]
     assert not absent, absent
-    assert (out / "benchmarks.html").exists() and "bytes" in (out / "benchmarks.html").read_text()
+    page = (out / "benchmarks.html").read_text()
+    assert "bytes" in page
+    # the figures of BENCHMARKS.md show on the site: each referenced by the page and copied with it
+    for figure in ("update-vs-floor", "memory", "scaling"):
+        images = re.findall(rf'<img[^>]*src="([^"]*{figure}[^"]*\.svg)"', page)
+        assert images and all((out / src).is_file() for src in images), (figure, images)
+    assert (out / "changelog.html").is_file() and "0.2.0" in (out / "changelog.html").read_text()
 
 
 def test_the_readme_links_into_pages_that_exist() -> None:

@@ -378,6 +378,8 @@ class Plan:
                         continue  # the EMA model holds other values now: they are the average
                     if k.has_master:
                         k.write_master(i, master)
+                        if k.master is not None:  # the EMA model shows it rounded once (not its old rounding again)
+                            ema.copy_(k.master.views[i])
                     else:
                         ema.copy_(master)
         self.record_versions()

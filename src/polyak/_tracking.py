@@ -431,9 +431,9 @@ class Structure:
 
 def canaries(names: Iterable[str], tensors: Iterable[Tensor]) -> list[Tensor]:
     """Tensors of each module that owns some of ``tensors`` whose data pointers tell whether the module was
-    moved or converted: its first real floating one (``.half()``, ``.to(dtype)``), its first complex one (which
-    ``.half()`` leaves alone), its first of 4 or more dimensions (``.to(memory_format=...)``) and, failing
-    those, its first; never one of no elements (its data pointer is 0 wherever it is)."""
+    moved or converted: its first real floating one of each dtype (``.half()``, ``.to(dtype)``), its first
+    complex one (which ``.half()`` leaves alone), its first of 4 or more dimensions
+    (``.to(memory_format=...)``) and, failing those, its first; never one of no elements (its data pointer is 0 wherever it is)."""
     by_owner: dict[str, dict[str, Tensor]] = {}
     for name, t in zip(names, tensors, strict=True):
         if t.numel() == 0 or is_sharded(t):  # (ZeRO-3 gathers and frees a parameter's data at will)
@@ -443,7 +443,8 @@ def canaries(names: Iterable[str], tensors: Iterable[Tensor]) -> list[Tensor]:
         if t.is_complex():
             kinds.setdefault("complex", t)
         elif t.is_floating_point():
-            kinds.setdefault("floating", t)
+            # one of each dtype: a conversion to one of a module's dtypes leaves its tensors of that dtype alone
+            kinds.setdefault(f"floating {t.dtype}", t)
         if t.dim() >= 4:
             kinds.setdefault("layout", t)
     out: dict[int, Tensor] = {}
