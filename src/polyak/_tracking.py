@@ -433,7 +433,8 @@ def canaries(names: Iterable[str], tensors: Iterable[Tensor]) -> list[Tensor]:
     """Tensors of each module that owns some of ``tensors`` whose data pointers tell whether the module was
     moved or converted: its first real floating one of each dtype (``.half()``, ``.to(dtype)``), its first
     complex one (which ``.half()`` leaves alone), its first of 4 or more dimensions
-    (``.to(memory_format=...)``) and, failing those, its first; never one of no elements (its data pointer is 0 wherever it is)."""
+    (``.to(memory_format=...)``) and, failing those, its first; never one of no elements (its data pointer
+    is 0 wherever it is)."""
     by_owner: dict[str, dict[str, Tensor]] = {}
     for name, t in zip(names, tensors, strict=True):
         if t.numel() == 0 or is_sharded(t):  # (ZeRO-3 gathers and frees a parameter's data at will)
