@@ -11,7 +11,7 @@ settings.register_profile(  # CI: the same examples every run, no database; a fa
     # (shrinking a long sequence can take minutes: the deep profile shrinks, and test_found.py holds the minimal
     # reproductions)
     "polyak-contract-ci",
-    max_examples=100,
+    max_examples=150,
     stateful_step_count=30,
     deadline=None,
     derandomize=True,
