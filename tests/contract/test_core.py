@@ -680,6 +680,9 @@ class EMAContract(RuleBasedStateMachine):
         head = self.model.head
         if which == "ema_model alike":
             self.ema.ema_model.head = copy.deepcopy(self.ema.ema_model.head)
+            for n, t in tensors(self.ema.ema_model.head).items():  # a copy: shared again at the EMA's next call
+                if f"head.{n}" in self.allowed:
+                    self.allowed[f"head.{n}"].append(t.detach().clone())
             return
         if which == "ema.ema_model = a copy":  # lifecycle.md: followed, it is the EMA model from then on
             model_before = clones(self.model)
