@@ -57,7 +57,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # the dtype a finiteness probe sums in: wide enough not to lose a NaN, never narrower than the tensor
 _WIDE_SUM = {torch.float64: torch.float64, torch.complex64: torch.complex64, torch.complex128: torch.complex128}
 
-Masters = dict[str, tuple[Tensor, Callable[[Tensor], Tensor], Tensor, int | None]]
+Masters = dict[str, tuple[Tensor, Callable[[Tensor], Tensor], Tensor, tuple[int, int, torch.dtype] | None]]
 
 
 @dataclass(frozen=True)
@@ -320,6 +320,8 @@ class Plan:
 
     def record_versions(self) -> None:
         self._versions = self.master_versions()
+        # and the dtype of each then: a conversion since is told from a write by the version counter
+        self._dtypes = [[t.dtype for t in k.ema.views] for k in self.master_kernels]
 
     def master_versions(self) -> list[list[int]]:
         """The version counters of the EMA model's tensors that have a master: whoever writes them bumps them."""
@@ -347,19 +349,23 @@ class Plan:
         """Each master's values by tensor name, with how they were rounded into the EMA model, and the EMA
         model's tensor with its version counter when the master was last its average."""
         out = {}
-        recorded = dict(zip(map(id, self.master_kernels), self._versions, strict=True))
+        recorded = {
+            id(k): list(zip(v, d, strict=True))
+            for k, v, d in zip(self.master_kernels, self._versions, self._dtypes, strict=True)
+        }
         for k in self.kernels:
             if k.has_master and k.ema.views[0].device.type != "meta":  # a meta master holds nothing to keep
                 versions_then = recorded.get(id(k), [None] * len(k.names))
                 for name, v, t, version in zip(k.names, k.master_values(), k.ema.views, versions_then, strict=True):
-                    out[name] = (v, k.round_master, t, version)
+                    out[name] = (v, k.round_master, t, None if version is None else (version[0], 0, version[1]))
         return out
 
-    def restore_masters(self, previous: Masters) -> None:
+    def restore_masters(self, previous: Masters, by_value: bool = False) -> None:
         """After a re-pairing, keep each master whose EMA values nobody wrote since (a conversion of the EMA
         model keeps its tensors and their version counters; a load or an edit moves them): its extra precision
         is not lost. A tensor registered anew (``assign=True``) keeps its master where its values still round
-        to it. Where the EMA model is now wide enough to hold the average itself, the master's values go in."""
+        to it (so do all, with ``by_value``: ``refresh()``, after a write through ``.data``, which counts no
+        version). Where the EMA model is now wide enough to hold the average itself, the master's values go in."""
         if not previous:
             return
         with torch.no_grad():
@@ -371,8 +377,10 @@ class Plan:
                     ema = k.ema.views[i]
                     if master.shape != ema.shape:
                         continue
-                    if ema is tensor and version is not None:
-                        if ema._version != version:
+                    # the same tensor, its memory the same or converted (a `.data` of its own dtype is new values)
+                    kept = version is not None and ema.dtype != version[2]  # converted: the version decides
+                    if ema is tensor and kept and not by_value:
+                        if ema._version != version[0]:  # type: ignore[index]
                             continue  # written since: the EMA model's values are the average
                     elif not same_values(rounded(master).to(device=ema.device, dtype=ema.dtype), ema):
                         continue  # the EMA model holds other values now: they are the average

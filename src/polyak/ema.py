@@ -333,11 +333,11 @@ class EMA:
         self.ema_model.train(value == "ema_train")
 
     # -- the plan (polyak._plan): built once, built anew where it no longer holds -------------------------------
-    def _build(self, keep_masters: bool = True, options: Options | None = None) -> None:
+    def _build(self, keep_masters: bool = True, options: Options | None = None, by_value: bool = False) -> None:
         """A new plan of both models; masters kept where still valid. Nothing changes where it raises."""
         previous = self._plan.masters_by_name() if keep_masters else {}
         plan = Plan(options or self._options, self._lasting, self.model, self.ema_model)
-        plan.restore_masters(previous)
+        plan.restore_masters(previous, by_value)
         self._plan, self._options = plan, plan.options
 
     def _ensure_current(self) -> None:
@@ -379,7 +379,7 @@ class EMA:
         another layout of a flat buffer); call this where a ``.data`` moves to another device.
         """
         self._refuse_when_swapped("refresh()")
-        self._build()
+        self._build(by_value=True)  # a write through .data counts no version: the values decide
 
     # -- the update ---------------------------------------------------------------------------------
     def update(self, steps: int = 1, *, momentum: float | None = None) -> float:
