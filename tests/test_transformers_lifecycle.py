@@ -348,3 +348,54 @@ def test_accumulation_and_bf16_autocast_follow_the_reference_and_resume_exactly(
     resumed = EMACallback(decay=0.9, final_dir=None)
     run(tmp_path / "split", resumed, resume=True, **kwargs)
     equal(resumed.ema.state_dict()["ema_model"], full.ema.state_dict()["ema_model"])
+
+
+# -- a hyperparameter search ------------------------------------------------------------------------------------------
+class Trials(TrainerCallback):
+    """Each trial's online parameters at its start and after each of its optimizer steps."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.runs.append((params(model), []))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.runs[-1][1].append(params(model))
+
+
+def test_a_hyperparameter_search_writes_each_trials_ema_into_the_trials_folder(tmp_path: Path) -> None:
+    """``Trainer.hyperparameter_search`` (optuna) writes each trial's checkpoints into ``output_dir/run-<n>``; each
+    trial's EMA goes beside them (its checkpoint and its ``final_dir``), the EMA of that trial's online weights,
+    and nothing into ``output_dir`` itself, where trials would overwrite each other."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials, callback = Trials(), EMACallback(decay=0.9)
+    trainer = Trainer(
+        model_init=lambda trial: gpt2(),
+        args=arguments(tmp_path, max_steps=4),
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(8),
+        callbacks=[trials, callback],
+    )
+    trainer.hyperparameter_search(
+        direction="minimize",
+        backend="optuna",
+        n_trials=2,
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)},
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-0", "run-1"]
+    assert len(trials.runs) == 2
+    for n, (start, steps) in enumerate(trials.runs):
+        expected = reference(start, steps)
+        metadata, tensors = ema_file(tmp_path / f"run-{n}" / "checkpoint-4" / WEIGHTS_NAME)
+        assert metadata["num_updates"] == "4"
+        for k, v in expected.items():
+            torch.testing.assert_close(tensors[k], v, msg=k)
+        final = GPT2LMHeadModel.from_pretrained(tmp_path / f"run-{n}" / "ema")
+        close(final, expected)
+    assert gap_of(trials.runs[0][1][-1], trials.runs[1][1][-1]) > 1e-4  # two trials that trained apart
+
+
+def gap_of(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((v - b[k]).abs().max().item() for k, v in a.items())

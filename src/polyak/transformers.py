@@ -70,8 +70,9 @@ class EMACallback(TrainerCallback):
       model (their values trade places, no copy), ``on_evaluate`` puts the online weights back, bit for bit.
       ``trainer.evaluate()`` outside ``train()`` evaluates the model's own (online) weights.
     * ``on_save`` writes the EMA into each checkpoint folder; ``on_train_end`` writes it with
-      ``save_pretrained`` into ``final_dir``. ``trainer.save_model()`` has no callback event: it writes the
-      online weights only (:meth:`save` writes the EMA beside them).
+      ``save_pretrained`` into ``final_dir``; in a ``trainer.hyperparameter_search()``, into the trial's folder
+      (``output_dir/run-<n>``), where the Trainer writes that trial's checkpoints. ``trainer.save_model()`` has
+      no callback event: it writes the online weights only (:meth:`save` writes the EMA beside them).
 
     Several callbacks (two decays, say) keep their EMAs of the same model side by side: each is updated from
     the online weights, each needs its own ``name`` (its own files), and at most one evaluates (the others
@@ -91,7 +92,8 @@ class EMACallback(TrainerCallback):
             weights are back, bit for bit, when the evaluation ends (``on_evaluate``); if it raised, at
             :meth:`restore` or the next ``train()``.
         final_dir: where ``on_train_end`` writes the EMA model with ``save_pretrained`` (a folder, relative to
-            ``args.output_dir``), or None. The model itself keeps its online weights.
+            ``args.output_dir``, or to a search trial's folder), or None. The model itself keeps its online
+            weights.
         dtype, handle_buffers, skip_nonfinite, device, flat, include, exclude, predicate, trainable_only:
             as for :class:`polyak.EMA` (a bf16 model is averaged in a float32 master by default).
 
@@ -179,7 +181,7 @@ class EMACallback(TrainerCallback):
         if calling is not None:
             _, folder = calling
         else:  # not called by a Trainer we know: its checkpoint of this step, in the usual place
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" if state.global_step > 0 else None
+            folder = _run_dir(args) / f"checkpoint-{state.global_step}" if state.global_step > 0 else None
         ema = EMA(model, schedule=self.schedule, **self._options)  # a new run, or a new model: a new EMA
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -232,7 +234,7 @@ class EMACallback(TrainerCallback):
             return
         whole = self._whole_state()  # on every rank: under ZeRO-3 a gather (a collective)
         if state.is_world_process_zero:
-            self._save(Path(args.output_dir) / f"checkpoint-{state.global_step}", whole)
+            self._save(_run_dir(args) / f"checkpoint-{state.global_step}", whole)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _Run.of(state).leave()
@@ -245,9 +247,9 @@ class EMACallback(TrainerCallback):
         if hasattr(model, "save_pretrained"):
             # under ZeRO-3 the EMA model holds this rank's partitions: the gathered weights are written
             tensors = None if whole is None else whole["ema_model"]
-            model.save_pretrained(Path(args.output_dir) / self.final_dir, state_dict=tensors)
+            model.save_pretrained(_run_dir(args) / self.final_dir, state_dict=tensors)
         else:
-            self._save(Path(args.output_dir) / self.final_dir, whole)
+            self._save(_run_dir(args) / self.final_dir, whole)
 
     def _whole_state(self) -> dict[str, Any] | None:
         """Under DeepSpeed ZeRO-3, the EMA gathered whole (call on every rank); otherwise None (nothing to
@@ -398,6 +400,23 @@ def _calling_trainer() -> tuple[Any, str | os.PathLike[str] | None] | None:
             return frame.f_locals["self"], frame.f_locals.get("resume_from_checkpoint")
         frame = frame.f_back
     return None
+
+
+def _run_dir(args: Any) -> Path:
+    """The folder of this run's checkpoints: ``args.output_dir``, or, in a ``Trainer.hyperparameter_search``,
+    the trial's folder in it (``run-<n>``, or the ``hp_name`` of the trial), where the Trainer writes them."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        trainer = frame.f_locals.get("self")
+        if isinstance(trainer, Trainer):
+            output_dir = getattr(trainer, "_get_output_dir", None)
+            if callable(output_dir):
+                return Path(output_dir(trial=getattr(trainer, "_trial", None)))
+            break
+        frame = frame.f_back
+    return Path(args.output_dir)
 
 
 def _write(path: Path, write: Callable[[str], object]) -> None:
