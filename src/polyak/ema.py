@@ -81,9 +81,10 @@ class EMA:
             round alike.
         per_step: the momentum is meant per optimizer step. ``update(steps=n)`` after ``n`` steps then
             uses ``1 - (1 - m) ** n``, so updating every few steps tracks the every-step EMA.
-        skip_nonfinite: skip (and count in :attr:`num_skipped`) an update whose online values (averaged or
-            copied) hold NaN or Inf, warning once, so that one diverged step cannot poison the EMA. Costs a
-            reduction over the online tensors and a host synchronisation per update.
+        skip_nonfinite: skip (and count in :attr:`num_skipped`) an update whose averaged online values hold
+            NaN or Inf, or whose copied ones hold NaN (an Inf there is a value: a mask of ``-inf``), warning
+            once, so that one diverged step cannot poison the EMA. Costs a reduction over the online tensors
+            and a host synchronisation per update.
         device: keep the EMA on this device (e.g. ``"cpu"`` for a model on a GPU, to save GPU memory);
             the online values are staged through pinned memory with non-blocking copies.
         flat: make the online model's averaged tensors views into one contiguous buffer per group too (each
