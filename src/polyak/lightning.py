@@ -587,8 +587,17 @@ class PostHocEMACallback(_StepCounter, Callback):
     id) goes into the checkpoint's ``callbacks`` section. After training, ``polyak.posthoc.synthesize`` (or
     ``python -m polyak posthoc``) rebuilds the EMA of any ``sigma_rel``.
 
+    The folder is claimed at the first snapshot and given back (:meth:`PostHocEMA.close`) when ``fit`` ends or
+    raises, so that another object may write into it then; a later snapshot claims it again. A second ``fit``
+    of the same module continues its ``PostHocEMA`` (``callback.posthoc``) in the same folder. A ``fit`` of
+    another module (a sweep that builds its callbacks once) closes the first module's and tracks the new one
+    in a new run, built from ``callback.directory`` then: a folder holding another run's snapshots is refused
+    with a ``ValueError`` before training starts (a synthesis would mix the two runs), so give each fit its
+    own folder (set ``callback.directory``) or resume that run with ``ckpt_path``.
+
     Args:
-        sigma_rels, snapshot_every, directory: as for :class:`~polyak.posthoc.PostHocEMA`.
+        sigma_rels, snapshot_every, directory: as for :class:`~polyak.posthoc.PostHocEMA`; kept as attributes,
+            read when the callback builds its ``PostHocEMA`` (at the first ``fit`` of a module).
         snapshot_at_end: write a snapshot of every profile when ``fit`` ends (unless one was just written).
         kwargs: keyword-only options of :class:`~polyak.posthoc.PostHocEMA` (``dtype``, ``device``,
             ``trainable_only``, ...).
@@ -603,18 +612,48 @@ class PostHocEMACallback(_StepCounter, Callback):
         snapshot_at_end: bool = True,
         **kwargs: Any,
     ) -> None:
-        self._args = (sigma_rels, snapshot_every, directory)
+        self.sigma_rels = sigma_rels
+        self.snapshot_every = snapshot_every
+        self.directory = directory
         self._kwargs = kwargs
         self.snapshot_at_end = bool(snapshot_at_end)
         self.posthoc: PostHocEMA | None = None
         self._pending: Mapping[str, Any] | None = None
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        p = self.posthoc
+        if stage == "fit" and p is not None and p.emas[0].model is not pl_module:
+            rank_zero_info(
+                "polyak: this PostHocEMACallback fits another module: a new PostHocEMA of it, in a new run (the "
+                "previous is closed)"
+            )
+            p.close()  # its folder's lock, before the new run looks at the folder
+            self._forget()
+
+    def _forget(self) -> None:
+        self.posthoc = None
+        self._pending = None
+        self._seen_steps = self._last_global_step = 0
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from polyak.posthoc._files import _is_writer, snapshot_runs
+
         if self.posthoc is None:
-            self.posthoc = PostHocEMA(pl_module, *self._args, **self._kwargs)
+            self.posthoc = PostHocEMA(pl_module, self.sigma_rels, self.snapshot_every, self.directory, **self._kwargs)
         if self._pending is not None:
             self.posthoc.load_state_dict(self._pending)
             self._pending = None
+        others = snapshot_runs(self.posthoc.directory) - {self.posthoc.run_id} if _is_writer() else set()
+        if others:  # refused now, not at the first snapshot after snapshot_every steps of training
+            directory = str(self.posthoc.directory)
+            if self.posthoc.num_updates == 0:
+                self._forget()  # a new run that never started: the next fit builds it again, from self.directory
+            raise ValueError(
+                f"PostHocEMACallback(directory={directory!r}): the folder holds the snapshots of another run "
+                f"({', '.join(sorted(r or '(no id)' for r in others))}), which a synthesis would mix with this "
+                "fit's: give this fit its own folder (directory=, or set callback.directory before fit), or resume "
+                "that run with trainer.fit(..., ckpt_path=) from its checkpoint"
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync_global_step(trainer)
@@ -629,6 +668,14 @@ class PostHocEMACallback(_StepCounter, Callback):
         p = self.posthoc
         if self.snapshot_at_end and p is not None and p.num_updates > 0 and p.num_updates % p.snapshot_every:
             p.snapshot()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.posthoc is not None:
+            self.posthoc.close()  # (after the checkpoints written at the end of fit, which read no files)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.posthoc is not None:
+            self.posthoc.close()  # Lightning calls no teardown after an exception
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = self._counter_state()
