@@ -1,13 +1,18 @@
 """polyak.lightning.PostHocEMACallback over its lifetime, with a real ``lightning.Trainer`` on the CPU: reused for
-a second fit (of the same module, of another), the folder's lock given back when fit ends or raises."""
+a second fit (of the same module, of another), the folder's lock given back when fit ends or raises, and the
+warnings of a resumed run pointing at the user's line."""
 
 from __future__ import annotations
 
+import errno
+import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from polyak.lightning import PostHocEMACallback
@@ -131,3 +136,53 @@ def test_the_folder_is_given_back_when_fit_raises(tmp_path: Path) -> None:
     resumed.load_state_dict(cb.posthoc.state_dict())
     assert resumed.num_updates == 5
     resumed.close()
+
+
+def test_a_resumed_runs_warning_points_at_the_users_line(tmp_path: Path) -> None:
+    """Resuming from an earlier checkpoint moves the later snapshots aside, with a UserWarning: reported at the
+    ``trainer.fit`` line of the caller (this file), not inside polyak or Lightning."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    first = callback(tmp_path / "ema")
+    trainer([first, checkpoints], enable_checkpointing=True).fit(Net(), data())
+    early = next(p for p in (tmp_path / "ckpt").iterdir() if "step=2" in p.name)
+    resumed = callback(tmp_path / "ema")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([resumed]).fit(Net(), data(), ckpt_path=str(early))
+    moved = [w for w in caught if "moved the" in str(w.message)]
+    assert len(moved) == 1, [str(w.message) for w in caught]
+    assert moved[0].filename == __file__
+    assert resumed.posthoc.num_updates == 6
+
+
+def test_a_direct_load_state_dict_warns_at_the_callers_line(tmp_path: Path) -> None:
+    net = Net()
+    with PostHocEMA(net, (0.05,), 2, tmp_path / "ema") as posthoc:
+        posthoc.update()
+        state = posthoc.state_dict()
+        posthoc.update()
+        posthoc.update()
+    again = PostHocEMA(net, (0.05,), 2, tmp_path / "ema")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again.load_state_dict(state)
+    assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]
+    again.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_a_folder_that_cannot_be_locked_warns_at_the_users_line(tmp_path: Path, monkeypatch) -> None:
+    """Where the file system refuses ``flock`` (some network mounts) the first snapshot warns, reported at the
+    ``trainer.fit`` line, three polyak frames and Lightning's below it (update, snapshot, claim)."""
+    import polyak.posthoc._lock as lock
+
+    def refused(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "no locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", refused)
+    cb = callback(tmp_path / "ema")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([cb]).fit(Net(), data())
+    locked = [w for w in caught if "cannot be locked" in str(w.message)]
+    assert len(locked) == 1 and locked[0].filename == __file__, [(str(w.message), w.filename) for w in caught]

@@ -15,9 +15,10 @@ import contextlib
 import errno
 import os
 import threading
-import warnings
 import weakref
 from pathlib import Path
+
+from polyak.posthoc._warn import warn
 
 try:
     import fcntl
@@ -138,10 +139,9 @@ def claim(
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
                     if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        warnings.warn(
+                        warn(
                             f"directory {str(directory)!r} cannot be locked ({e}): another process writing "
-                            "into it would not be stopped",
-                            stacklevel=3,
+                            "into it would not be stopped"
                         )
                     else:
                         raise FolderInUse(

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -29,6 +28,7 @@ from polyak.posthoc._files import (
     snapshot_runs,
 )
 from polyak.posthoc._lock import FolderClaim, FolderInUse, claim, current_key, give_back
+from polyak.posthoc._warn import warn
 from polyak.schedules import _MAX_SIGMA_REL, _MIN_SIGMA_REL, _check_int, power_function
 
 
@@ -353,10 +353,9 @@ class PostHocEMA:
         if run_id != self.run_id:
             self.run_id, self._folder_checked = run_id, False
         if moved:
-            warnings.warn(
+            warn(
                 f"resumed at update {counts[0]}: moved the {len(moved)} snapshots of the abandoned timeline (taken "
-                f"after it) from {str(self.directory)!r} into {str(aside)!r}, where synthesize() does not look",
-                stacklevel=2,
+                f"after it) from {str(self.directory)!r} into {str(aside)!r}, where synthesize() does not look"
             )
 
     def __repr__(self) -> str:

@@ -1,0 +1,19 @@
+"""Warnings reported at the user's line: the first frame outside polyak and the trainer that calls it."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+# a warning raised while a trainer drives polyak (Lightning's callback hooks, ignite's Checkpoint.load_objects,
+# transformers' Trainer) is reported past the trainer's frames too, at the user's trainer.fit(...) line
+_SKIPPED = frozenset({"polyak", "lightning", "pytorch_lightning", "lightning_fabric", "ignite", "transformers"})
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)`` at the first frame of the caller's code (or the outermost frame)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: the frame that called warn()
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _SKIPPED:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
