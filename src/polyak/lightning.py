@@ -587,13 +587,14 @@ class PostHocEMACallback(_StepCounter, Callback):
     id) goes into the checkpoint's ``callbacks`` section. After training, ``polyak.posthoc.synthesize`` (or
     ``python -m polyak posthoc``) rebuilds the EMA of any ``sigma_rel``.
 
-    The folder is claimed at the first snapshot and given back (:meth:`PostHocEMA.close`) when ``fit`` ends or
-    raises, so that another object may write into it then; a later snapshot claims it again. A second ``fit``
-    of the same module continues its ``PostHocEMA`` (``callback.posthoc``) in the same folder. A ``fit`` of
-    another module (a sweep that builds its callbacks once) closes the first module's and tracks the new one
-    in a new run, built from ``callback.directory`` then: a folder holding another run's snapshots is refused
-    with a ``ValueError`` before training starts (a synthesis would mix the two runs), so give each fit its
-    own folder (set ``callback.directory``) or resume that run with ``ckpt_path``.
+    The folder is claimed at the first snapshot (or when a checkpoint is resumed) and given back
+    (:meth:`polyak.posthoc.PostHocEMA.close`) when ``fit`` ends or raises, so that another object may write
+    into it then; a later snapshot claims it again. A second ``fit`` of the same module continues its ``PostHocEMA``
+    (``callback.posthoc``) in the same folder. A ``fit`` of another module (a sweep that builds its callbacks
+    once) closes the first module's and tracks the new one in a new run, built from ``callback.directory``
+    then; a folder that holds another run's snapshots is refused with a ``ValueError`` before training starts
+    (a synthesis would mix the two runs): give each fit its own folder (set ``callback.directory``), or resume
+    that run with ``ckpt_path``.
 
     Args:
         sigma_rels, snapshot_every, directory: as for :class:`~polyak.posthoc.PostHocEMA`; kept as attributes,
