@@ -644,17 +644,22 @@ class PostHocEMACallback(_StepCounter, Callback):
         if self._pending is not None:
             self.posthoc.load_state_dict(self._pending)
             self._pending = None
+        # refused now, not at the first snapshot after snapshot_every steps of training; rank 0 reads the folder
+        # (the writer) and every rank raises, so that none waits for the others at a collective
         others = snapshot_runs(self.posthoc.directory) - {self.posthoc.run_id} if _is_writer() else set()
-        if others:  # refused now, not at the first snapshot after snapshot_every steps of training
-            directory = str(self.posthoc.directory)
+        refusal = None
+        if others:
+            refusal = (
+                f"PostHocEMACallback(directory={str(self.posthoc.directory)!r}): the folder holds the snapshots of "
+                f"another run ({', '.join(sorted(r or '(no id)' for r in others))}), which a synthesis would mix "
+                "with this fit's: give this fit its own folder (directory=, or set callback.directory before fit), "
+                "or resume that run with trainer.fit(..., ckpt_path=) from its checkpoint"
+            )
+        refusal = trainer.strategy.broadcast(refusal)
+        if refusal is not None:
             if self.posthoc.num_updates == 0:
                 self._forget()  # a new run that never started: the next fit builds it again, from self.directory
-            raise ValueError(
-                f"PostHocEMACallback(directory={directory!r}): the folder holds the snapshots of another run "
-                f"({', '.join(sorted(r or '(no id)' for r in others))}), which a synthesis would mix with this "
-                "fit's: give this fit its own folder (directory=, or set callback.directory before fit), or resume "
-                "that run with trainer.fit(..., ckpt_path=) from its checkpoint"
-            )
+            raise ValueError(refusal)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync_global_step(trainer)
