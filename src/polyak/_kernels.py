@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import types
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from polyak._sharding import local
+from polyak._warn import warn
 
 
 @dataclass
@@ -675,10 +675,9 @@ class CompiledSplit(Split):
 
 def _warn_not_compiled(e: Exception) -> None:
     """Say, once per kernel, that ``compile=True`` fell back to the eager update, and why."""
-    warnings.warn(
+    warn(
         f"EMA(compile=True) could not compile its update ({type(e).__name__}: {e}); using the eager update instead",
         RuntimeWarning,
-        stacklevel=6,
     )
 
 

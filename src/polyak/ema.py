@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from polyak import _sharding as sharding
 from polyak._kernels import Kernel
 from polyak._plan import Lasting, Options, Plan, start_from_model, swap_in, swap_out
 from polyak._tracking import UNAVERAGEABLE, Selector, copy_model, parameter_selector, unwrap_model
+from polyak._warn import warn
 from polyak.schedules import Schedule, _check_int, _check_momentum, constant, delayed
 
 __all__ = ["EMA"]
@@ -439,11 +439,10 @@ class EMA:
             return False
         self.num_skipped += 1
         if self.num_skipped == 1:
-            warnings.warn(
+            warn(
                 f"skipped EMA update {k}: the online model holds NaN or Inf (counted in EMA.num_skipped; "
                 "this warning is shown once)",
                 RuntimeWarning,
-                stacklevel=4,
             )
         return True
 

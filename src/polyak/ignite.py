@@ -19,6 +19,7 @@ from ignite.engine.events import RemovableEventHandle  # noqa: E402
 from torch import nn  # noqa: E402
 
 from polyak._tracking import unwrap_model  # noqa: E402
+from polyak._warn import warn  # noqa: E402
 from polyak.ema import EMA, HANDLE_BUFFERS  # noqa: E402
 from polyak.schedules import (  # noqa: E402
     Schedule,
@@ -505,12 +506,11 @@ class EMAHandler:
         loaded weights (with a warning), instead of averaging them into a state of the model that is gone."""
         if engine.state.iteration == 0 or self.ema.num_updates or self._ema_versions() != self._built_versions:
             return
-        warnings.warn(
+        warn(
             f"EMAHandler: the engine resumes at iteration {engine.state.iteration} but the EMA was not loaded (it "
             "holds the weights it was built from): it restarts from the model's current weights. To resume it, put "
             "the handler (or ema_model) in the Checkpoint's to_save and to_load.",
             UserWarning,
-            stacklevel=2,
         )
         online = unwrap_model(self.ema.model).state_dict()
         self.ema.load_state_dict({"num_updates": 0, "ema_model": online})

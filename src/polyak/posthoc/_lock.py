@@ -18,7 +18,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from polyak.posthoc._warn import warn
+from polyak._warn import warn
 
 try:
     import fcntl

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from polyak._kernels import Gathered, Kernel, Lerp, Staged, apply_together
+from polyak._warn import warn
 from polyak.ema import EMA, HANDLE_BUFFERS
 from polyak.posthoc._files import (
     _SNAPSHOT,
@@ -28,7 +29,6 @@ from polyak.posthoc._files import (
     snapshot_runs,
 )
 from polyak.posthoc._lock import FolderClaim, FolderInUse, claim, current_key, give_back
-from polyak.posthoc._warn import warn
 from polyak.schedules import _MAX_SIGMA_REL, _MIN_SIGMA_REL, _check_int, power_function
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import sys
 import warnings
 
-# a warning raised while a trainer drives polyak (Lightning's callback hooks, ignite's Checkpoint.load_objects,
-# transformers' Trainer) is reported past the trainer's frames too, at the user's trainer.fit(...) line
-_SKIPPED = frozenset({"polyak", "lightning", "pytorch_lightning", "lightning_fabric", "ignite", "transformers"})
+# a warning raised while torch or a trainer drives polyak (an optimizer's step hook, Lightning's callback hooks,
+# ignite's events and Checkpoint.load_objects, transformers' Trainer) is reported past their frames too, at the
+# user's optimizer.step() or trainer.fit(...) line
+_SKIPPED = frozenset(
+    {"polyak", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "ignite", "transformers"}
+)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
