@@ -171,6 +171,19 @@ def write_in_validation(root: Path, callbacks: list) -> Path:
     return root / "in-validation.ckpt"
 
 
+def write_before_the_ema_in_batch_end(root: Path, callbacks: list) -> Path:
+    """``trainer.save_checkpoint`` in the ``on_train_batch_end`` of a callback listed before the EMA's: after the
+    optimizer step, before the EMA averaged it (the file's EMA has one update less than its global step)."""
+
+    class SaveFirst(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 5 and not (root / "before-the-ema.ckpt").exists():
+                trainer.save_checkpoint(root / "before-the-ema.ckpt")
+
+    trainer([SaveFirst(), *callbacks], root, max_epochs=1).fit(Net(), data())
+    return root / "before-the-ema.ckpt"
+
+
 def write_last_at_end(root: Path, callbacks: list) -> Path:
     saving = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
     trainer([*callbacks, saving], root, max_epochs=2).fit(Net(), data())
@@ -209,6 +222,7 @@ SAVE_POINTS: dict[str, tuple[Callable[[Path, list], Path], int, bool]] = {
     "every_n_steps": (write_every_n_steps, 5, False),
     "epoch_end": (write_epoch_end, 8, True),
     "in_validation": (write_in_validation, 8, False),  # Lightning trains 25 steps more: the epoch is not over
+    "before_the_ema_in_batch_end": (write_before_the_ema_in_batch_end, 5, False),
     "last_at_end": (write_last_at_end, 16, True),
     "by_hand_after_fit": (write_by_hand_after_fit, 16, True),
     "on_exception": (write_on_exception, 6, False),
@@ -285,7 +299,9 @@ def resume_cell(
     # the file: the true online weights and the true average, whatever hook wrote it
     online_then = first_recorder.by_step[step]
     assert_equal(ckpt["current_model_state"], online_then)
-    assert_close(ckpt["state_dict"], reference_ema([first_recorder.by_step[k] for k in range(1, step + 1)]))
+    averaged = step - 1 if point == "before_the_ema_in_batch_end" else step  # (the EMA of the steps it had seen)
+    assert_close(ckpt["state_dict"], reference_ema([first_recorder.by_step[k] for k in range(1, averaged + 1)]))
+    assert ckpt["averaging_state"]["n_averaged"] == averaged
 
     model, callback, recorder = resume(how, path, tmp_path)
     # the same run, interrupted and resumed at the same point without any EMA callback: the online weights are its
@@ -478,6 +494,39 @@ def evaluation_cell(how: str, tmp_path: Path) -> None:
                     evaluator = trainer([], limit_val_batches=1)
                 seen = _evaluate(evaluator, model, stage, path if how.endswith("ckpt_path") else None)
             assert torch.equal(seen, weights[what]), (name, stage, what)
+
+
+def test_the_modules_own_epoch_end_hooks_see_the_ema_too(tmp_path: Path) -> None:
+    """Samples drawn or metrics computed from the model in the module's ``on_{validation,test,predict}_epoch_end``
+    (Lightning calls it after the callbacks' hook of the same name) see the EMA's weights, as the steps do; the
+    online weights are back after the loop."""
+
+    class Sampling(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.at_end: dict[str, list[torch.Tensor]] = {"validate": [], "test": [], "predict": []}
+
+        def on_validation_epoch_end(self) -> None:
+            self.at_end["validate"].append(self.net[0].weight.detach().clone())
+
+        def on_test_epoch_end(self) -> None:
+            self.at_end["test"].append(self.net[0].weight.detach().clone())
+
+        def on_predict_epoch_end(self) -> None:
+            self.at_end["predict"].append(self.net[0].weight.detach().clone())
+
+    model, callback = Sampling(), EMACallback(decay=DECAY, weights_at_end="online")
+    t = trainer([callback], tmp_path, max_epochs=2, limit_val_batches=1)
+    t.fit(model, data(), data())
+    assert len(model.at_end["validate"]) == 2
+    for step_saw, end_saw in zip(model.seen["validate"], model.at_end["validate"], strict=True):
+        assert torch.equal(end_saw, step_saw)  # the EMA of that point
+    online = model.net[0].weight.detach().clone()
+    assert not torch.equal(model.at_end["validate"][-1], online)
+    for stage in ("test", "predict"):
+        _evaluate(t, model, stage, None)
+        assert torch.equal(model.at_end[stage][-1], callback.ema.ema_model.net[0].weight), stage
+        assert torch.equal(model.net[0].weight, online), stage  # back after the loop
 
 
 def test_evaluation_with_a_checkpoint_leaves_the_callbacks_ema_alone(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ class _StepCounter:
 
     _seen_steps = 0  # training steps seen
     _last_global_step = 0
+    _loaded_global_step: int | None = None  # the last_global_step of the state this fit resumed from
 
     def _stepped(self, trainer: Trainer) -> bool:
         if trainer.global_step <= self._last_global_step:
@@ -47,23 +48,35 @@ class _StepCounter:
         self._seen_steps += 1
         return True
 
-    def _sync_global_step(self, trainer: Trainer) -> None:
-        # when training starts (after a checkpoint restored the trainer's loops): a resumed run, or a second fit
-        # with a new Trainer whose global_step starts again at 0, counts its next optimizer step and no batch before
+    def _sync_global_step(self, trainer: Trainer) -> bool:
+        """When training starts (after a checkpoint restored the trainer's loops): a resumed run, or a second fit
+        with a new Trainer whose global_step starts again at 0, counts its next optimizer step and no batch
+        before. True when the file resumed from was written after an optimizer step and before this callback
+        counted it (by a callback before this one, in ``on_train_batch_end``): the caller counts it now, from the
+        weights the file restored, as it would have in that hook."""
+        loaded, self._loaded_global_step = self._loaded_global_step, None
+        if loaded is not None and loaded < trainer.global_step:
+            self._last_global_step = loaded
+            return True
         self._last_global_step = trainer.global_step
+        return False
 
     def _counter_state(self) -> dict[str, int]:
         return {"seen_steps": self._seen_steps, "last_global_step": self._last_global_step}
 
     def _load_counters(self, state: Mapping[str, Any]) -> None:
-        for key in ("seen_steps", "last_global_step"):
-            if key in state:
-                setattr(self, f"_{key}", _check_int(f"state_dict[{key!r}]", state[key], 0))
+        counters = {
+            k: _check_int(f"state_dict[{k!r}]", state[k], 0) for k in ("seen_steps", "last_global_step") if k in state
+        }
+        for key, value in counters.items():
+            setattr(self, f"_{key}", value)
+        self._loaded_global_step = counters.get("last_global_step")
 
 
 class _Swapping:
     """Evaluation with the EMA's weights: enters :meth:`polyak.EMA.swapped` at an evaluation epoch's start and
-    leaves it at its end, or when a hook raises (``on_exception``)."""
+    leaves it at the loop's end (after the module's ``on_*_epoch_end``), or when a hook raises
+    (``on_exception``)."""
 
     _swap: contextlib.AbstractContextManager[Any] | None = None
     _said_not_yet = False
@@ -117,17 +130,21 @@ class EMACallback(_StepCounter, _Swapping, Callback):
       loaded into it then. A second ``fit`` of a module that still holds the EMA's weights that the first put
       there trains on from its online weights, put back.
     * ``on_train_start`` takes the Trainer's ``global_step`` (restored from a checkpoint, or 0 in a new Trainer),
-      so that the next optimizer step is counted and no micro-batch before it.
+      so that the next optimizer step is counted and no micro-batch before it. A file written between an
+      optimizer step and this callback's update of it (``trainer.save_checkpoint`` in the ``on_train_batch_end``
+      of a callback listed before this one) is resumed with that update, made then from the restored weights.
     * ``on_train_batch_end`` updates it once per optimizer step (not per batch: right under
       ``accumulate_grad_batches`` and manual optimization), when :meth:`should_update` says so. With
       ``update_every_n_steps=n`` and ``per_step=True`` (the default) an update after ``n`` steps uses
       ``1 - (1 - m) ** n``, so the EMA's length does not depend on ``n``.
     * ``on_train_epoch_end`` updates once more when :meth:`should_update` says so for the epoch (only with
       ``update_starting_at_epoch``, as Lightning's).
-    * ``on_{validation,test,predict}_epoch_start/end`` evaluate with the EMA's weights in the module (its
-      values trade places with the EMA model's, no copy of the model) and restore the online weights bit for
-      bit after, also when a hook raises (``on_exception``). Before the first update the online weights are
-      evaluated (a never-updated EMA is not worth evaluating), with one log line. Outside ``fit`` with
+    * ``on_{validation,test,predict}_epoch_start`` to ``on_{validation,test,predict}_end`` evaluate with the
+      EMA's weights in the module (its values trade places with the EMA model's, no copy of the model): the
+      steps and the module's own ``on_*_epoch_start/end`` hooks see them (samples drawn at an epoch's end are
+      the EMA's). The online weights come back bit for bit after, also when a hook raises (``on_exception``).
+      Before the first update the online weights are evaluated (a never-updated EMA is not worth evaluating),
+      with one log line. Outside ``fit`` with
       ``ckpt_path=``, the module holds the file's ``state_dict``, its EMA, and nothing is swapped (the
       callback's own EMA is left as it was); with the loop's switch off, the file's ``current_model_state``.
     * ``on_train_end``: with ``weights_at_end="ema"`` (Lightning's choice) the module keeps the EMA's weights
@@ -346,14 +363,19 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             self._restore()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sync_global_step(trainer)
+        behind = self._sync_global_step(trainer)
         # the epoch, too: a new Trainer's second fit counts its epochs from 0 again (a resume from where it stopped)
         self._last_update_epoch = trainer.current_epoch - 1
+        if behind:
+            self._after_step(trainer)
 
     # -- updating ----------------------------------------------------------------------------------------------
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._after_step(trainer)
+
+    def _after_step(self, trainer: Trainer) -> None:
         if self.ema is None or not self._stepped(trainer):
             return
         if self.should_update(step_idx=self._seen_steps - 1):
@@ -400,20 +422,20 @@ class EMACallback(_StepCounter, _Swapping, Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluate_with_ema("validate", pl_module)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._leave()
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave()  # (not at the epoch's end: the module's own on_validation_epoch_end runs after the callbacks')
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluate_with_ema("test", pl_module)
 
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._leave()
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave()  # (not at the epoch's end: the module's own on_test_epoch_end runs after the callbacks')
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluate_with_ema("predict", pl_module)
 
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._leave()
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave()  # (not at the epoch's end: the module's own on_predict_epoch_end runs after the callbacks')
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._leave()
@@ -662,11 +684,15 @@ class PostHocEMACallback(_StepCounter, Callback):
             raise ValueError(refusal)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sync_global_step(trainer)
+        if self._sync_global_step(trainer):
+            self._after_step(trainer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._after_step(trainer)
+
+    def _after_step(self, trainer: Trainer) -> None:
         if self.posthoc is not None and self._stepped(trainer):
             self.posthoc.update()
 
