@@ -529,6 +529,42 @@ def test_the_modules_own_epoch_end_hooks_see_the_ema_too(tmp_path: Path) -> None
         assert torch.equal(model.net[0].weight, online), stage  # back after the loop
 
 
+def test_a_checkpoint_written_after_evaluating_another_holds_the_modules_weights_and_no_ema(
+    tmp_path: Path, caplog
+) -> None:
+    """``trainer.test(ckpt_path=...)`` loads that file into the module; a ``trainer.save_checkpoint`` after it
+    holds those weights and none of the callback's state (its EMA is of another run, at another step): resumed,
+    the module trains on from those weights and a new EMA starts from them, as without any EMA callback."""
+    callback = EMACallback(decay=DECAY)
+    t, model, path = _fitted(tmp_path, callback)  # 2 epochs; path: epoch 0's file
+    evaluated = torch.load(path, weights_only=True)
+    _evaluate(t, model, "test", path)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        t.save_checkpoint(tmp_path / "after-test.ckpt")
+    assert "holds the weights of the checkpoint it was evaluated from" in caplog.text
+    after = torch.load(tmp_path / "after-test.ckpt", weights_only=True)
+    assert callback.state_key not in after["callbacks"] and "current_model_state" not in after
+    assert_equal(after["state_dict"], evaluated["state_dict"])  # the module's: the file evaluated
+    recorder, resumed = Recorder(), EMACallback(decay=DECAY, weights_at_end="online")
+    model = Net()
+    trainer([recorder, resumed], max_epochs=3).fit(model, data(), ckpt_path=str(tmp_path / "after-test.ckpt"))
+    steps = [recorder.by_step[k] for k in sorted(recorder.by_step)]
+    assert len(steps) == STEPS_PER_EPOCH and resumed.ema.num_updates == len(steps)
+    assert_close(ema_of(resumed), reference_ema(steps))  # a new EMA (its first update copies), of this run
+
+
+def test_weights_only_checkpoints_are_said_to_hold_the_online_weights(tmp_path: Path) -> None:
+    """``ModelCheckpoint(save_weights_only=True)``: Lightning calls no callback for those files, so they hold the
+    module's own weights; said when fit starts, and true."""
+    saving = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, every_n_epochs=1, save_top_k=-1, filename="w")
+    recorder, callback = Recorder(), EMACallback(decay=DECAY)
+    with pytest.warns(UserWarning, match=r"save_weights_only=True.*online"):
+        trainer([recorder, callback, saving], tmp_path, max_epochs=1).fit(Net(), data())
+    written = torch.load(tmp_path / "w.ckpt", weights_only=True)
+    assert "callbacks" not in written
+    assert_equal(written["state_dict"], recorder.by_step[STEPS_PER_EPOCH])
+
+
 def test_evaluation_with_a_checkpoint_leaves_the_callbacks_ema_alone(tmp_path: Path) -> None:
     callback = EMACallback(decay=DECAY, weights_at_end="online")
     t, model, path = _fitted(tmp_path, callback)

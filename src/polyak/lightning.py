@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging  # noqa: E402
 from lightning.pytorch.utilities.rank_zero import rank_zero_info  # noqa: E402
 from torch import nn  # noqa: E402
 
+from polyak._warn import warn  # noqa: E402
 from polyak.ema import EMA, HANDLE_BUFFERS  # noqa: E402
 from polyak.posthoc import PostHocEMA  # noqa: E402
 from polyak.schedules import Schedule, _callback_schedule, _check_int  # noqa: E402
@@ -325,6 +326,14 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             )
         ours = [c for c in callbacks if isinstance(c, EMACallback)]
         self._first = not ours or ours[0] is self
+        weights_only = [c for c in trainer.checkpoint_callbacks if getattr(c, "save_weights_only", False)]
+        if stage == "fit" and self._first and weights_only and trainer.is_global_zero:
+            warn(
+                "ModelCheckpoint(save_weights_only=True) with EMACallback: Lightning calls no callback when it writes "
+                "those files, so they hold the module's own (online) weights and no EMA, although validation (and "
+                "so their monitor's scores) ran with the EMA's; for files of the EMA's weights, use "
+                "save_weights_only=False (their state_dict is the EMA's)"
+            )
         if not self._first and (any(self.evaluate.values()) or self.weights_at_end == "ema"):
             raise ValueError(
                 f"a second EMACallback in one Trainer must leave the module to the first ({ours[0]!r}): pass it "
@@ -412,8 +421,8 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         if self.ema is None or self.ema.model is not pl_module:
             if not self._said_not_yet and _trainer_fn(pl_module) != "fit":
                 rank_zero_info(
-                    "polyak: this EMACallback holds no EMA of this module (no fit of it, no ckpt_path): this "
-                    "evaluation uses the module's weights"
+                    "polyak: this EMACallback holds no EMA of this module (no fit of it, and no checkpoint of an "
+                    "EMACallback loaded): this evaluation uses the module's weights"
                 )
                 self._said_not_yet = True
             return
@@ -495,10 +504,21 @@ class EMACallback(_StepCounter, _Swapping, Callback):
                 self._enter(self.ema)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.ema is None or self.ema.model is not pl_module or self._sharded() or self._evaluating_checkpoint:
+        if self._evaluating_checkpoint:
+            # during or after validate/test/predict(ckpt_path=...) the module holds that file's weights, which are
+            # neither this callback's EMA nor the online weights it averages: a file of those weights, without this
+            # callback's state (so that a fit resumed from it starts an EMA of them, not this one's of another run)
+            callbacks = checkpoint.get("callbacks")
+            if isinstance(callbacks, dict) and callbacks.pop(self.state_key, None) is not None:
+                rank_zero_info(
+                    "polyak: the module holds the weights of the checkpoint it was evaluated from (ckpt_path=): this "
+                    "checkpoint holds them, without the EMACallback's state (a fit resumed from it starts the EMA "
+                    "from them)"
+                )
+            return
+        if self.ema is None or self.ema.model is not pl_module or self._sharded():
             # no EMA of this module: the module's own weights; a sharded EMA: the strategy writes state_dict shard
-            # by shard, the online model's, and the EMA is in the callback's state, whole; while a checkpoint is
-            # evaluated, the module holds that file's weights
+            # by shard, the online model's, and the EMA is in the callback's state, whole
             return
         if not self._first:  # a second EMACallback: its weights in its own state, state_dict is the first's
             own = checkpoint.get("callbacks", {}).get(self.state_key)
