@@ -298,3 +298,178 @@ def test_requires_grad_follow_keeps_bf16_masters_and_costs_one_tuple_compare() -
     ema.ema.refresh = lambda: builds.append(1) or original()
     ema.step(model.parameters())
     assert builds == []
+
+
+# -- refusals: checked before anything is written -------------------------------------------------------------------
+def _state(ema: EMAModel) -> dict:
+    """Everything the state dict holds (counters, shadows, masters), plus the decay of the last step, as copies."""
+    state = {k: v for k, v in ema.state_dict().items() if k not in ("shadow_params", "polyak_master")}
+    state["cur_decay_value"] = ema.cur_decay_value
+    state["shadow_params"] = [s.detach().clone() for s in ema.shadow_params]
+    state["polyak_master"] = [None if m is None else m.clone() for m in ema.state_dict().get("polyak_master", [])]
+    return state
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key in ("shadow_params", "polyak_master"):
+            assert len(a[key]) == len(b[key]), key
+            for x, y in zip(a[key], b[key], strict=True):
+                assert (x is None and y is None) or (torch.equal(x, y) and x.dtype == y.dtype), key
+        else:
+            assert a[key] == b[key] and type(a[key]) is type(b[key]), (key, a[key], b[key])
+
+
+def _twins(dtype: torch.dtype = torch.float32) -> tuple:
+    """A model and its EMA after three steps, and an identical pair that will never see a refused call."""
+    pairs = []
+    for _ in range(2):
+        model = unet(dtype)
+        ema = EMAModel(model.parameters(), decay=0.9)
+        train(model, [ema], steps=3)
+        pairs.append((model, ema))
+    return (*pairs[0], *pairs[1])
+
+
+def _next_step_as_twin(model, ema, twin_model, twin) -> None:
+    for m in (model, twin_model):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.125)
+    ema.step(model.parameters())
+    twin.step(twin_model.parameters())
+    _assert_same_state(_state(ema), _state(twin))
+
+
+def _other_shapes() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(**{**CONFIG, "block_out_channels": (4, 8)})  # as many parameters, other shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize(
+    ("given", "error", "match"),
+    [
+        pytest.param(
+            "other shapes",
+            ValueError,
+            r"step\(\): parameters\[0\] has shape \(4, 1, 3, 3\) but shadow_params\[0\] ",
+            id="other shapes",
+        ),
+        pytest.param(
+            "one short", ValueError, r"step\(\): parameters has 113 tensors but shadow_params has 114", id="one short"
+        ),
+        pytest.param(
+            "one more", ValueError, r"step\(\): parameters has 115 tensors but shadow_params has 114", id="one more"
+        ),
+        pytest.param(
+            "last one detached",
+            ValueError,
+            r"parameters\[113\] is a plain tensor \(not an nn.Parameter\)",
+            id="last one detached",
+        ),
+        pytest.param(
+            "last one integer",
+            ValueError,
+            r"parameters\[113\] is a torch.int64 tensor but shadow_params\[113\]",
+            id="last one integer",
+        ),
+        pytest.param(
+            "last one not a tensor",
+            TypeError,
+            r"step\(\): parameters\[113\] must be a tensor, got float",
+            id="last one not a tensor",
+        ),
+        pytest.param(
+            "the shadows", ValueError, r"parameters\[0\] is the EMA's own shadow_params\[0\]", id="the shadows"
+        ),
+    ],
+)
+def test_a_refused_step_changes_nothing(given: str, error: type, match: str, dtype: torch.dtype) -> None:
+    """A step given parameters it cannot pair with shadow_params is refused before anything moves: the
+    counters (optimization_step, cur_decay_value), the shadows and masters and the model are bit for bit
+    what they were, and the next step is the one an EMA that never saw the refused call takes."""
+    model, ema, twin_model, twin = _twins(dtype)
+    params = list(model.parameters())
+    bad = {
+        "other shapes": lambda: list(_other_shapes().to(dtype).parameters()),
+        "one short": lambda: params[:-1],
+        "one more": lambda: [*params, torch.nn.Parameter(torch.zeros(1, dtype=dtype))],
+        "last one detached": lambda: [*params[:-1], params[-1].detach()],
+        "last one integer": lambda: [*params[:-1], torch.nn.Parameter(params[-1].detach().long(), False)],
+        "last one not a tensor": lambda: [*params[:-1], 1.0],
+        "the shadows": lambda: ema.shadow_params,
+    }[given]()
+    before, online = _state(ema), [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        ema.step(bad)
+    _assert_same_state(_state(ema), before)
+    for p, o in zip(model.parameters(), online, strict=True):
+        assert torch.equal(p, o)
+    _next_step_as_twin(model, ema, twin_model, twin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_a_step_refused_after_the_pairing_moved_is_rolled_back(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """A step with other (valid) objects and a part frozen, refused inside the update: the EMA keeps following
+    the objects of its last step, with their selection (bf16: and the float32 masters of the part frozen), and
+    its next step is its twin's."""
+    model, ema, twin_model, twin = _twins(dtype)
+    rebuilt = unet(dtype)  # the same shapes: valid, and followed from the step that succeeds
+    rebuilt.conv_in.requires_grad_(False)
+    before = _state(ema)
+
+    def refuse(**_: object) -> None:
+        raise RuntimeError("refused inside the update")
+
+    monkeypatch.setattr(ema.ema, "update", refuse)
+    with pytest.raises(RuntimeError, match="refused inside the update"):
+        ema.step(rebuilt.parameters())
+    monkeypatch.undo()
+    _assert_same_state(_state(ema), before)
+    assert all(a is b for a, b in zip(ema._tensors, model.parameters(), strict=True))
+    assert all(a is b for a, b in zip(ema._tracked.tensors(), model.parameters(), strict=True))
+    _next_step_as_twin(model, ema, twin_model, twin)
+
+
+@pytest.mark.parametrize("method", ["copy_to", "restore"])
+@pytest.mark.parametrize("given", ["one short", "one more", "other shapes"])
+def test_copy_to_and_restore_refuse_a_list_that_does_not_pair_and_write_nothing(method: str, given: str) -> None:
+    model, ema, twin_model, twin = _twins()
+    for m in (model, twin_model):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)  # the model now differs from the shadows: a partial copy would show
+    ema.store(model.parameters())
+    stored = [t.clone() for t in ema.temp_stored_params]
+    if method == "restore":
+        ema.copy_to(model.parameters())  # as in an evaluation with the EMA's weights, before restore()
+    params = list(model.parameters())
+    bad = {
+        "one short": params[:-1],
+        "one more": [*params, torch.nn.Parameter(torch.zeros(1))],
+        "other shapes": list(_other_shapes().parameters()),
+    }[given]
+    online = [p.detach().clone() for p in bad]
+    before = _state(ema)
+    expected = "shadow_params" if method == "copy_to" else "temp_stored_params"
+    match = {
+        "one short": rf"{method}\(\): parameters has 113 tensors but {expected} has 114",
+        "one more": rf"{method}\(\): parameters has 115 tensors but {expected} has 114",
+        "other shapes": rf"{method}\(\): parameters\[0\] has shape \(4, 1, 3, 3\) but {expected}\[0\] has shape",
+    }[given]
+    with pytest.raises(ValueError, match=match):
+        getattr(ema, method)(bad)
+    for p, o in zip(bad, online, strict=True):
+        assert torch.equal(p, o)  # nothing written
+    _assert_same_state(_state(ema), before)
+    assert ema.temp_stored_params is not None  # the stored copy is kept for a correct restore()
+    for a, b in zip(ema.temp_stored_params, stored, strict=True):
+        assert torch.equal(a, b)
+    ema.restore(model.parameters())
+    for p, s in zip(model.parameters(), stored, strict=True):
+        assert torch.equal(p, s)
+    _next_step_as_twin(model, ema, twin_model, twin)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from polyak._sharding import is_zero3, local
+from polyak._tracking import UNAVERAGEABLE, averaged_kind
 from polyak.ema import EMA
 
 __all__ = ["EMAModel"]
@@ -69,6 +71,35 @@ def _parameters(parameters: Any, what: str) -> list[Tensor]:
     if isinstance(parameters, Tensor) or not isinstance(parameters, Iterable):
         raise TypeError(f"parameters must be an iterable of tensors, got {type(parameters).__name__}")
     return list(parameters)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    """The shape a tensor is paired by (a ZeRO-3 parameter: its partition's)."""
+    return tuple(local(t).shape if is_zero3(t) else t.shape)
+
+
+def _check_against(
+    what: str,
+    tensors: list[Tensor],
+    reference: list[Tensor],
+    name: str,
+    hint: str = "one for each parameter the EMA was built from, in that order",
+) -> None:
+    """Refuse ``tensors`` (the ``parameters`` given to ``what``) unless they pair, one to one, with ``reference``
+    (the list called ``name``): as many, each a tensor of the same shape. Checked before anything is written."""
+    if len(tensors) != len(reference):
+        raise ValueError(
+            f"{what}: parameters has {len(tensors)} tensors but {name} has {len(reference)} ({hint}); nothing was "
+            "changed"
+        )
+    for i, (t, r) in enumerate(zip(tensors, reference, strict=True)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}: parameters[{i}] must be a tensor, got {type(t).__name__}; nothing was changed")
+        if _shape(t) != tuple(r.shape):
+            raise ValueError(
+                f"{what}: parameters[{i}] has shape {_shape(t)} but {name}[{i}] has shape {tuple(r.shape)} (another "
+                "model, or its parameters in another order?); nothing was changed"
+            )
 
 
 class EMAModel:
@@ -233,27 +264,86 @@ class EMAModel:
 
     def step(self, parameters: Iterable[nn.Parameter]) -> None:
         """One EMA update with the decay of the next step, as diffusers': each parameter with
-        ``requires_grad=True`` *now* is averaged, each other one copied into its shadow."""
+        ``requires_grad=True`` *now* is averaged, each other one copied into its shadow.
+
+        ``parameters`` must pair with :attr:`shadow_params` (as many, in the same order, each of the same shape;
+        diffusers zips them silently): a step refused changes nothing, neither the counters nor a tensor."""
         tensors = _parameters(parameters, "step")
-        if len(tensors) != len(self._tensors):
-            raise ValueError(f"step() got {len(tensors)} parameters, this EMA tracks {len(self._tensors)}")
-        if not all(map(operator.is_, tensors, self._tensors)):
-            self._follow(tensors)
+        same = len(tensors) == len(self._tensors) and all(map(operator.is_, tensors, self._tensors))
+        if not same:
+            self._check_step(tensors)
         # diffusers decides averaged-or-copied from requires_grad at every step: one tuple compare here, a new
         # pairing only when the pattern changed (a part frozen or unfrozen)
         requires_grad = tuple([t.requires_grad for t in tensors])
-        if requires_grad != self._requires_grad:
-            self._select(requires_grad)
+        decay = self.get_decay(self.optimization_step + 1)  # the counters move once the update is done
+        if same and requires_grad == self._requires_grad:
+            try:
+                self.ema.update(momentum=1.0 - decay)  # checks before it writes: refused, it changes nothing
+            except BaseException:
+                self._check_step(tensors)  # a tensor's .data replaced by hand: said in diffusers' terms
+                raise
+        else:
+            tracked = self._tracked
+            saved = (
+                tracked._parameters.copy(),
+                tracked._buffers.copy(),
+                self._tensors,
+                self._requires_grad,
+                self.ema._plan,
+                self.ema._options,
+            )
+            try:
+                if not same:
+                    self._follow(tensors)
+                if requires_grad != self._requires_grad:
+                    self._select(requires_grad)
+                self.ema.update(momentum=1.0 - decay)
+            except BaseException:
+                # back to the pairing of the last step (a plan is replaced only once built: the old one is whole)
+                tracked._parameters.clear()
+                tracked._parameters.update(saved[0])
+                tracked._buffers.clear()
+                tracked._buffers.update(saved[1])
+                self._tensors, self._requires_grad, self.ema._plan, self.ema._options = saved[2:]
+                raise
         self.optimization_step += 1
-        decay = self.get_decay(self.optimization_step)
         self.cur_decay_value = decay
-        self.ema.update(momentum=1.0 - decay)
+
+    def _check_step(self, tensors: list[Tensor]) -> None:
+        """Refuse, in diffusers' terms, ``parameters`` that ``step`` could not pair with ``shadow_params``."""
+        shadows = self.shadow_params
+        _check_against("step()", tensors, shadows, "shadow_params")
+        for i, (t, s) in enumerate(zip(tensors, shadows, strict=True)):
+            if t is s:
+                raise ValueError(
+                    f"step(): parameters[{i}] is the EMA's own shadow_params[{i}]; step() takes the model's "
+                    "parameters (model.parameters()); nothing was changed"
+                )
+            if averaged_kind(t) != averaged_kind(s):
+                raise ValueError(
+                    f"step(): parameters[{i}] is a {t.dtype} tensor but shadow_params[{i}] a {s.dtype} one (floating "
+                    "point and integer tensors cannot pair); nothing was changed"
+                )
+            if isinstance(t, nn.Parameter) != isinstance(s, nn.Parameter):
+                kinds = ("an nn.Parameter", "a plain tensor (not an nn.Parameter)")
+                raise ValueError(
+                    f"step(): parameters[{i}] is {kinds[not isinstance(t, nn.Parameter)]} but the EMA was built "
+                    f"from {kinds[not isinstance(s, nn.Parameter)]} there; pass the same kind (model.parameters(), "
+                    "not detached copies); nothing was changed"
+                )
+            if t.requires_grad and t.dtype in UNAVERAGEABLE:
+                raise TypeError(
+                    f"step(): parameters[{i}] requires grad (so diffusers averages it) but is {t.dtype}, which "
+                    "torch has no arithmetic for; nothing was changed"
+                )
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"step(): parameters[{i}] is on the meta device (no values to average yet); nothing was changed"
+                )
 
     def _follow(self, tensors: list[Tensor]) -> None:
-        """Other objects than last time (a model rebuilt, say): the EMA follows them from now on."""
-        for i, t in enumerate(tensors):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"parameters must be tensors, got {type(t).__name__} at position {i}")
+        """Other objects than last time (a model rebuilt, say): the EMA follows them from now on (checked by
+        ``_check_step``: each of the kind of the one it replaces)."""
         for i, t in enumerate(tensors):
             if t is not self._tensors[i]:
                 if isinstance(t, nn.Parameter):
@@ -272,20 +362,37 @@ class EMAModel:
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
-        """Copy the averaged weights into ``parameters``."""
-        for s, p in zip(self.shadow_params, _parameters(parameters, "copy_to"), strict=True):
+        """Copy the averaged weights into ``parameters`` (checked first: as many as :attr:`shadow_params`, each of
+        its shape; refused, nothing is written)."""
+        tensors = _parameters(parameters, "copy_to")
+        shadows = self.shadow_params
+        _check_against("copy_to()", tensors, shadows, "shadow_params")
+        for s, p in zip(shadows, tensors, strict=True):
             p.data.copy_(s.to(p.device))
 
     def store(self, parameters: Iterable[nn.Parameter]) -> None:
         """Keep a copy (on the CPU) of ``parameters``, for :meth:`restore` after an evaluation with the EMA."""
-        self.temp_stored_params = [p.detach().cpu().clone() for p in _parameters(parameters, "store")]
+        tensors = _parameters(parameters, "store")
+        for i, p in enumerate(tensors):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"store(): parameters[{i}] must be a tensor, got {type(p).__name__}")
+        self.temp_stored_params = [p.detach().cpu().clone() for p in tensors]
 
     @torch.no_grad()
     def restore(self, parameters: Iterable[nn.Parameter]) -> None:
-        """Put back what :meth:`store` kept."""
+        """Put back what :meth:`store` kept (checked first: as many as were stored, each of its shape; refused,
+        nothing is written and the stored copy is kept)."""
         if self.temp_stored_params is None:
             raise RuntimeError("This ExponentialMovingAverage has no `store()`ed weights to `restore()`")
-        for c, p in zip(self.temp_stored_params, _parameters(parameters, "restore"), strict=True):
+        tensors = _parameters(parameters, "restore")
+        _check_against(
+            "restore()",
+            tensors,
+            self.temp_stored_params,
+            "temp_stored_params",
+            "one for each parameter given to store()",
+        )
+        for c, p in zip(self.temp_stored_params, tensors, strict=True):
             p.data.copy_(c.data)
         self.temp_stored_params = None
 
