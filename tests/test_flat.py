@@ -182,3 +182,45 @@ def test_no_allocation_per_update(kwargs, dtype):
     ema.update()
     assert allocations(ema.update) == []
     assert allocations(lambda: torch.ones(64) + 1) != []  # the probe does see allocations
+
+
+class Tied(nn.Module):
+    """An embedding and a head that share their weight (GPT-2's wte and lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mid, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_tied_weight_stays_tied_and_compact_in_the_state_dict(tmp_path, flat: bool) -> None:
+    """With flat=True the EMA model's tensors are views of one buffer: its state dict holds a copy of each, with
+    its own storage, and one copy for the names of a tied weight, so that safetensors' ``save_model`` accepts it
+    (it refused the alias's view of the whole buffer) and ``torch.save`` writes the model once."""
+    from safetensors.torch import load_model, save_model
+
+    model = Tied()
+    ema = EMA(model, momentum=0.5, flat=flat)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    state = ema.ema_model.state_dict()
+    assert state["head.weight"].data_ptr() == state["emb.weight"].data_ptr()  # one tensor for both names
+    for k, v in state.items():
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), k
+    save_model(ema.ema_model, str(tmp_path / "ema.safetensors"))
+    loaded = Tied()
+    load_model(loaded, str(tmp_path / "ema.safetensors"))
+    assert loaded.head.weight is loaded.emb.weight
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    ours, plain = io.BytesIO(), io.BytesIO()
+    torch.save(state, ours)
+    torch.save(Tied().state_dict(), plain)
+    assert abs(len(ours.getvalue()) - len(plain.getvalue())) <= 16  # the size of the plain model's: tied once
+    # a state dict of a submodule alone: its own tensors, compact too
+    head = ema.ema_model.head.state_dict()
+    assert head["weight"].untyped_storage().nbytes() == 40 * 4

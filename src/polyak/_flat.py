@@ -10,6 +10,7 @@ laid out one after the other in one buffer (by another EMA of the same model) ar
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any
 
 import torch
@@ -115,24 +116,56 @@ def scripted_owners(modules: list[nn.Module], names: list[str]) -> set[str]:
 
 
 def compact_state_dicts(module: nn.Module, names: list[str]) -> None:
-    """``state_dict()`` of the modules owning flattened tensors returns copies, each with its own storage, so
-    that ``torch.save`` of a submodule's state writes that submodule only and safetensors accepts it."""
-    owners = {n.rpartition(".")[0] for n in names}
-    for owner in owners:
+    """``state_dict()`` of the modules holding flattened tensors (under any name: a tied weight's every owner)
+    returns copies, each with its own storage, so that ``torch.save`` of a submodule's state writes that
+    submodule only and safetensors accepts it; a tensor held under several names is copied once, so that the
+    names stay tied in the state dict (as safetensors' ``save_model`` expects)."""
+    flattened = set()
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
         sub = module.get_submodule(owner)
-        if not getattr(sub, "_polyak_compact_state_dict", False):
+        t = sub._parameters.get(leaf, sub._buffers.get(leaf))
+        if t is not None:
+            flattened.add(id(t))
+    for _, sub in module.named_modules(remove_duplicate=False):
+        held = any(id(t) in flattened for t in itertools.chain(sub._parameters.values(), sub._buffers.values()))
+        if held and not getattr(sub, "_polyak_compact_state_dict", False):
             sub.register_state_dict_post_hook(_compact)
             sub._polyak_compact_state_dict = True  # type: ignore[assignment]
+
+
+# id of a module's tensor -> (it, the state dict being filled, the copy of it there), weakly: the copy made for
+# one name of a tensor is the one its other names get in the same state_dict() call; nothing is kept past it
+_COPIES: dict[int, tuple[weakref.ref, weakref.ref, weakref.ref]] = {}
+_PRUNE_AT = 64
+
+
+def _copy_of(source: Tensor, value: Tensor, state_dict: dict[str, Any]) -> Tensor:
+    made = _COPIES.get(id(source))
+    if made is not None and made[0]() is source and made[1]() is state_dict:
+        copy = made[2]()
+        if copy is not None:
+            return copy
+    copy = value.clone()
+    global _PRUNE_AT
+    if len(_COPIES) >= _PRUNE_AT:  # the entries of tensors gone (an EMA dropped), at each doubling: O(1) a copy
+        for key in [k for k, (t, _, _) in _COPIES.items() if t() is None]:
+            del _COPIES[key]
+        _PRUNE_AT = max(64, 2 * len(_COPIES))
+    _COPIES[id(source)] = (weakref.ref(source), weakref.ref(state_dict), weakref.ref(copy))
+    return copy
 
 
 def _compact(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     for name in itertools.chain(module._parameters, module._buffers):
         key = prefix + name
         value = state_dict.get(key)
+        source = module._parameters.get(name, module._buffers.get(name))
         if (
             isinstance(value, Tensor)
+            and source is not None
             and not isinstance(value, nn.Parameter)  # keep_vars=True: the caller asked for the objects
             and value is not module._buffers.get(name)
             and value.untyped_storage().nbytes() > value.numel() * value.element_size()
         ):
-            state_dict[key] = value.clone()
+            state_dict[key] = _copy_of(source, value, state_dict)
