@@ -81,13 +81,13 @@ class Stop(TrainerCallback):
             control.should_training_stop = True
 
 
-def run(out: Path, *callbacks: TrainerCallback, model=None, resume=None, stop=None, **kwargs):
+def run(out: Path, *callbacks: TrainerCallback, model=None, resume=None, stop=None, eval_dataset=None, **kwargs):
     recorder = Recorder()
     trainer = Trainer(
         model=gpt2() if model is None else model,
         args=arguments(out, **kwargs),
         train_dataset=Tokens(),
-        eval_dataset=Tokens(8),
+        eval_dataset=Tokens(8) if eval_dataset is None else eval_dataset,
         callbacks=[recorder, *callbacks] + ([Stop(stop)] if stop else []),
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -266,6 +266,84 @@ def test_evaluate_outside_train_sees_the_online_weights_and_swapped_the_ema(tmp_
     for k, v in close_to.items():
         torch.testing.assert_close(recorder.evaluated[-1][1][k], v, msg=k)
     equal(params(trainer.model), recorder.after_step[-1])
+
+
+class Batches(TrainerCallback):
+    """The parameters (float64) in the model at every evaluated batch, with the step, and raises at the
+    ``fail``-th batch of the evaluations after step ``at``, if given."""
+
+    def __init__(self, at: int | None = None, fail: int = 0) -> None:
+        self.seen: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.at, self.fail = at, fail
+
+    def on_prediction_step(self, args, state, control, model=None, **kwargs):
+        self.seen.append((state.global_step, params(model)))
+        if self.at is not None and sum(s >= self.at for s, _ in self.seen) == self.fail:
+            raise RuntimeError("boom")
+
+
+def two_datasets() -> dict[str, Tokens]:
+    return {"a": Tokens(8), "b": Tokens(16)}  # one batch of 8, then two
+
+
+def test_every_dataset_of_a_dict_is_evaluated_with_the_ema_and_the_checkpoints_hold_the_online_weights(
+    tmp_path: Path,
+) -> None:
+    """The Trainer evaluates a dict of datasets one by one, each ending in on_evaluate; the checkpoint of the
+    step is written right after the last one (before on_save)."""
+    kwargs = dict(eval_strategy="steps", eval_steps=4, metric_for_best_model="eval_b_loss")
+    # without any EMA: each evaluation's dataloader draws from the global RNG, so the run of one dataset differs
+    plain, _ = run(tmp_path / "plain", eval_dataset=two_datasets(), **kwargs)
+    online = params(plain.model)
+    callback = EMACallback(decay=0.9, final_dir=None)
+    batches = Batches()
+    trainer, recorder = run(tmp_path, callback, batches, eval_dataset=two_datasets(), **kwargs)
+    assert [s for s, _ in batches.seen] == [4, 4, 4, 8, 8, 8]  # a, then b's two batches, at each step
+    for step, seen in batches.seen:
+        for k, v in reference(recorder.start, recorder.after_step[:step]).items():
+            torch.testing.assert_close(seen[k], v, msg=k)
+    for step in (4, 8):
+        folder = tmp_path / f"checkpoint-{step}"
+        equal(params(GPT2LMHeadModel.from_pretrained(folder)), recorder.after_step[step - 1])  # bit for bit
+        _, tensors = ema_file(folder / WEIGHTS_NAME)
+        for k, v in reference(recorder.start, recorder.after_step[:step]).items():
+            torch.testing.assert_close(tensors[k], v, msg=k)
+    equal(params(trainer.model), online)  # training never saw the EMA
+    equal(params(trainer.model), recorder.after_step[-1])
+    logged = {n: [h for h in trainer.state.log_history if f"eval_{n}_loss" in h] for n in "ab"}
+    assert [[h["step"] for h in logged[n]] for n in "ab"] == [[4, 8], [4, 8]]
+    with callback.ema.swapped():  # the metrics the best checkpoint is chosen by are the EMA's
+        again = trainer.evaluate(eval_dataset=two_datasets())
+    for n in "ab":
+        assert again[f"eval_{n}_loss"] == pytest.approx(logged[n][-1][f"eval_{n}_loss"], rel=1e-6)
+    assert trainer.state.best_metric == min(h["eval_b_loss"] for h in logged["b"])
+    equal(params(trainer.model), recorder.after_step[-1])
+
+    batches.seen.clear()  # outside train(): the online weights, every dataset, and nothing left swapped
+    trainer.evaluate()
+    assert len(batches.seen) == 3
+    for _, seen in batches.seen:
+        equal(seen, recorder.after_step[-1])
+    equal(params(trainer.model), recorder.after_step[-1])
+
+
+def test_an_exception_in_the_second_dataset_leaves_the_ema_for_restore(tmp_path: Path) -> None:
+    callback = EMACallback(decay=0.9, final_dir=None)
+    recorder, batches, model = Recorder(), Batches(at=4, fail=2), gpt2()  # raises at b's first batch of step 4
+    trainer = Trainer(
+        model=model,
+        args=arguments(tmp_path, eval_strategy="steps", eval_steps=4, save_steps=2),
+        train_dataset=Tokens(),
+        eval_dataset=two_datasets(),
+        callbacks=[recorder, callback, batches],
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert [s for s, _ in batches.seen] == [4, 4]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]  # none at 4
+    close(model, reference(recorder.start, recorder.after_step))  # b was being evaluated with the EMA
+    callback.restore()
+    equal(params(model), recorder.after_step[-1])
 
 
 # -- the callback again ----------------------------------------------------------------------------------------------

@@ -68,7 +68,10 @@ class EMACallback(TrainerCallback):
       an EMA file there, starts it from the model's weights with a warning.
     * ``on_step_end`` updates it once per optimizer step; before an evaluation the EMA's weights go into the
       model (their values trade places, no copy), ``on_evaluate`` puts the online weights back, bit for bit.
-      ``trainer.evaluate()`` outside ``train()`` evaluates the model's own (online) weights.
+      With a dict of evaluation datasets (``eval_dataset={"a": ..., "b": ...}``) every dataset is evaluated
+      with the EMA: the online weights come back at the last dataset's ``on_evaluate``, before the checkpoint
+      that follows is written. ``trainer.evaluate()`` outside ``train()`` evaluates the model's own (online)
+      weights.
     * ``on_save`` writes the EMA into each checkpoint folder; ``on_train_end`` writes it with
       ``save_pretrained`` into ``final_dir``; in a ``trainer.hyperparameter_search()``, into the trial's folder
       (``output_dir/run-<n>``), where the Trainer writes that trial's checkpoints. ``trainer.save_model()`` has
@@ -88,9 +91,9 @@ class EMACallback(TrainerCallback):
         name: tells the files of several callbacks apart: ``ema-<name>.safetensors`` in the checkpoints,
             ``final_dir`` ``"ema-<name>"``; None (one callback): ``ema.safetensors`` and ``"ema"``. Letters,
             digits, ``.``, ``_`` and ``-``.
-        evaluate: evaluate with the EMA's weights (the trainer's evaluations during ``train()``); the online
-            weights are back, bit for bit, when the evaluation ends (``on_evaluate``); if it raised, at
-            :meth:`restore` or the next ``train()``.
+        evaluate: evaluate with the EMA's weights (the trainer's evaluations during ``train()``, each dataset
+            of a dict of them); the online weights are back, bit for bit, when the evaluation ends (the last
+            dataset's ``on_evaluate``); if it raised, at :meth:`restore` or the next ``train()``.
         final_dir: where ``on_train_end`` writes the EMA model with ``save_pretrained`` (a folder, relative to
             ``args.output_dir``, or to a search trial's folder), or None. The model itself keeps its online
             weights.
@@ -222,7 +225,8 @@ class EMACallback(TrainerCallback):
             _Run.of(state).enter()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        _Run.of(state).leave()
+        if not _more_datasets_to_evaluate():  # a dict of evaluation datasets: each one is evaluated with the EMA
+            _Run.of(state).leave()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _Run.of(state).leave()
@@ -400,6 +404,29 @@ def _calling_trainer() -> tuple[Any, str | os.PathLike[str] | None] | None:
             return frame.f_locals["self"], frame.f_locals.get("resume_from_checkpoint")
         frame = frame.f_back
     return None
+
+
+def _more_datasets_to_evaluate() -> bool:
+    """Whether this ``on_evaluate`` ends the evaluation of one of several datasets and more follow.
+
+    ``Trainer.evaluate`` with a dict of datasets calls itself once per dataset, each call ending in
+    ``on_evaluate``; no event starts an evaluation, so the EMA's weights stay in the model until the last
+    dataset's (the Trainer writes its checkpoint right after it, before ``on_save``: with the online weights).
+    Read from the frame of the ``evaluate`` that iterates the dict (its locals ``eval_dataset``, the dict, and
+    ``eval_dataset_name``, the name it evaluates now); False when no such frame is found (one dataset, or a
+    Trainer that evaluates otherwise): the online weights come back now, as for one dataset."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "evaluate" and isinstance(frame.f_locals.get("self"), Trainer):
+            local = frame.f_locals
+            datasets = local.get("eval_dataset")
+            if isinstance(datasets, dict) and "eval_dataset_name" in local and local["eval_dataset_name"] in datasets:
+                names = list(datasets)
+                return names.index(local["eval_dataset_name"]) < len(names) - 1
+        frame = frame.f_back  # a subclass's evaluate, calling the Trainer's: on to the one above
+    return False
 
 
 def _run_dir(args: Any) -> Path:
