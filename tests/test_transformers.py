@@ -340,3 +340,22 @@ def test_load_before_train_takes_the_ema_from_that_folder(tmp_path: Path, traine
     fresh.load(checkpoint)  # checked now, loaded by on_train_begin
     Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=1), train_dataset=Tokens(), callbacks=[fresh]).train()
     assert fresh.ema.num_updates == 5  # the 4 of the folder, and this run's step
+
+
+def test_a_flat_ema_of_a_tied_model_is_checkpointed_and_resumed(tmp_path: Path) -> None:
+    """GPT-2 ties lm_head to wte; with flat=True the EMA model's tensors are views of one buffer. Each checkpoint's
+    ema.safetensors is written (safetensors once refused the tied view) and resumes exactly."""
+    from safetensors.torch import load_model
+
+    full = EMACallback(decay=0.9, flat=True, final_dir=None)
+    Trainer(model=gpt2(), args=arguments(tmp_path / "full"), train_dataset=Tokens(), callbacks=[full]).train()
+    written = gpt2()
+    load_model(written, str(tmp_path / "full" / "checkpoint-8" / WEIGHTS_NAME))
+    for k, v in written.state_dict().items():
+        assert torch.equal(v, full.ema.ema_model.state_dict()[k]), k
+    resumed = EMACallback(decay=0.9, flat=True, final_dir=None)
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path / "full"), train_dataset=Tokens(), callbacks=[resumed])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    assert resumed.ema.num_updates == 8
+    for k, v in resumed.ema.ema_model.state_dict().items():
+        assert torch.equal(v, full.ema.ema_model.state_dict()[k]), k
