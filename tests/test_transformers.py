@@ -359,3 +359,21 @@ def test_a_flat_ema_of_a_tied_model_is_checkpointed_and_resumed(tmp_path: Path) 
     assert resumed.ema.num_updates == 8
     for k, v in resumed.ema.ema_model.state_dict().items():
         assert torch.equal(v, full.ema.ema_model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(handle_buffers="bogus"), ValueError, "handle_buffers must be one of"),
+        (dict(dtype=torch.int8), TypeError, "dtype must be a floating"),
+        (dict(flat=1), TypeError, "flat must be a bool"),
+        (dict(skip_nonfinite="yes"), TypeError, "skip_nonfinite must be a bool"),
+        (dict(include=3), TypeError, "include must be"),
+        (dict(device="nope"), ValueError, "device must name a torch device"),
+    ],
+)
+def test_bad_options_are_refused_when_the_callback_is_made(kwargs: dict, error: type, match: str) -> None:
+    """As polyak.EMA and the Lightning callback refuse them: at construction, not when train() starts (after the
+    Trainer made its output folder)."""
+    with pytest.raises(error, match=match):
+        EMACallback(**kwargs)
