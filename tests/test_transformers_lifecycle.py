@@ -477,3 +477,19 @@ def test_a_hyperparameter_search_writes_each_trials_ema_into_the_trials_folder(t
 
 def gap_of(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((v - b[k]).abs().max().item() for k, v in a.items())
+
+
+def test_load_best_model_at_end_takes_the_best_checkpoints_ema_too(tmp_path: Path) -> None:
+    """``load_best_model_at_end=True``: the Trainer puts the best checkpoint's online weights into the model; the
+    callback takes that checkpoint's EMA (the one evaluated, whose metric chose it), and final_dir holds it."""
+    callback = EMACallback(decay=0.9)
+    kwargs = dict(eval_strategy="steps", eval_steps=4, save_steps=4, max_steps=8, load_best_model_at_end=True)
+    # the highest loss is the best: the first evaluation's, so that the best is not the last checkpoint
+    trainer, recorder = run(tmp_path, callback, metric_for_best_model="loss", greater_is_better=True, **kwargs)
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-4"
+    equal(params(trainer.model), recorder.after_step[3])  # the Trainer's part
+    _, best = ema_file(tmp_path / "checkpoint-4" / WEIGHTS_NAME)
+    equal(params(callback.ema.ema_model), best)
+    assert callback.ema.num_updates == 4
+    close(callback.ema.ema_model, reference(recorder.start, recorder.after_step[:4]))
+    equal(params(GPT2LMHeadModel.from_pretrained(tmp_path / "ema")), best)

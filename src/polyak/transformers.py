@@ -73,6 +73,8 @@ class EMACallback(TrainerCallback):
       with the EMA: the online weights come back at the last dataset's ``on_evaluate``, before the checkpoint
       that follows is written. ``trainer.evaluate()`` outside ``train()`` evaluates the model's own (online)
       weights.
+    * With ``load_best_model_at_end=True``, ``on_train_end`` takes the EMA of the best checkpoint (the one
+      whose evaluation, with the EMA, made it the best), as the Trainer takes its online weights.
     * ``on_save`` writes the EMA into each checkpoint folder; ``on_train_end`` writes it with
       ``save_pretrained`` into ``final_dir``; in a ``trainer.hyperparameter_search()``, into the trial's folder
       (``output_dir/run-<n>``), where the Trainer writes that trial's checkpoints. ``trainer.save_model()`` has
@@ -244,7 +246,20 @@ class EMACallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _Run.of(state).leave()
-        if self.ema is None or self.final_dir is None:
+        if self.ema is None:
+            return
+        best = getattr(state, "best_model_checkpoint", None)
+        if getattr(args, "load_best_model_at_end", False) and best is not None:
+            # the Trainer has loaded the best checkpoint's online weights into the model: the EMA is that
+            # checkpoint's too, the one whose evaluation made it the best
+            if (Path(best) / self.weights_name).is_file():
+                self._load_into(self.ema, Path(best))
+            else:
+                logger.warning(
+                    f"polyak: the Trainer loaded the best checkpoint {best}, which has no {self.weights_name}: the "
+                    "EMA stays that of the last step"
+                )
+        if self.final_dir is None:
             return
         whole = self._whole_state()
         if not state.is_world_process_zero:
