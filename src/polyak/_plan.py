@@ -310,18 +310,26 @@ class Plan:
 
     def follow_writes(self) -> None:
         """Someone wrote into the EMA model (a load, in-place edits): where a tensor's version counter moved,
-        its master takes the EMA model's value (unless it still rounds to it)."""
+        its master takes the EMA model's value (unless it still rounds to it; a split master's low half is
+        cleared). Also called on a plan that no longer holds, before a new one takes its masters: a tensor
+        converted or reshaped since is left to that (its new values are not the old master's)."""
         if not self.master_kernels or (now := self.master_versions()) == self._versions:
             return
         with torch.no_grad():
-            for k, before, after in zip(self.master_kernels, self._versions, now, strict=True):
-                k.revalidate([i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b])
+            for k, before, after, layouts in zip(self.master_kernels, self._versions, now, self._layouts, strict=True):
+                k.revalidate(
+                    [
+                        i
+                        for i, (a, b, t, layout) in enumerate(zip(before, after, k.ema.views, layouts, strict=True))
+                        if a != b and (t.dtype, t.shape) == layout
+                    ]
+                )
         self.record_versions()
 
     def record_versions(self) -> None:
         self._versions = self.master_versions()
-        # and the dtype of each then: a conversion since is told from a write by the version counter
-        self._dtypes = [[t.dtype for t in k.ema.views] for k in self.master_kernels]
+        # and the dtype and shape of each then: a conversion since is told from a write by the version counter
+        self._layouts = [[(t.dtype, t.shape) for t in k.ema.views] for k in self.master_kernels]
 
     def master_versions(self) -> list[list[int]]:
         """The version counters of the EMA model's tensors that have a master: whoever writes them bumps them."""
@@ -350,8 +358,8 @@ class Plan:
         model's tensor with its version counter when the master was last its average."""
         out = {}
         recorded = {
-            id(k): list(zip(v, d, strict=True))
-            for k, v, d in zip(self.master_kernels, self._versions, self._dtypes, strict=True)
+            id(k): [(v, dtype) for v, (dtype, _) in zip(versions, layouts, strict=True)]
+            for k, versions, layouts in zip(self.master_kernels, self._versions, self._layouts, strict=True)
         }
         for k in self.kernels:
             if k.has_master and k.ema.views[0].device.type != "meta":  # a meta master holds nothing to keep

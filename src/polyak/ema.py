@@ -335,8 +335,12 @@ class EMA:
 
     # -- the plan (polyak._plan): built once, built anew where it no longer holds -------------------------------
     def _build(self, keep_masters: bool = True, options: Options | None = None, by_value: bool = False) -> None:
-        """A new plan of both models; masters kept where still valid. Nothing changes where it raises."""
-        previous = self._plan.masters_by_name() if keep_masters else {}
+        """A new plan of both models; masters kept where still valid. Nothing changes where it raises, but for
+        the masters following what was written into the EMA model since its last call (as that call would)."""
+        previous = {}
+        if keep_masters:
+            self._plan.follow_writes()  # first: the masters taken over are those of the values now in the EMA model
+            previous = self._plan.masters_by_name()
         plan = Plan(options or self._options, self._lasting, self.model, self.ema_model)
         plan.restore_masters(previous, by_value)
         self._plan, self._options = plan, plan.options

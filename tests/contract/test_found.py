@@ -381,3 +381,32 @@ def test_an_ema_model_converted_narrower_shows_its_master_rounded_once() -> None
     before = ema.ema_model[0].weight.detach().clone()
     ema.load_state_dict(state)
     assert torch.equal(ema.ema_model[0].weight, before)
+
+
+@pytest.mark.parametrize("kwargs", [dict(master="split"), dict()], ids=["split", "float32_master"])
+@pytest.mark.parametrize("change", ["assign", "convert"])
+def test_a_write_into_the_ema_model_counts_when_the_model_changes_before_the_next_call(
+    kwargs: dict, change: str
+) -> None:
+    """A load into the bf16 EMA model makes the loaded values the average; a change of the online model before
+    the EMA's next call (a submodule loaded with ``assign=True``, a conversion) re-pairs the two. The masters
+    taken over must be those of the loaded values: the split master kept its old low half (the EMA model, its
+    high half, always "rounds to" it), off by up to an ulp of bf16 (found by the deep profile, twice)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to(torch.bfloat16)
+    ema = EMA(model, momentum=0.3, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    ema.update()  # the masters hold more than the bf16 EMA model shows
+    assert any(not torch.equal(m.bfloat16().float(), m) for m in ema.state_dict()["master"].values())
+    written = {k: v * 0.5 for k, v in ema.ema_model.state_dict().items()}
+    ema.ema_model.load_state_dict(written)
+    if change == "assign":
+        model[1].load_state_dict(model[1].state_dict(), assign=True)
+    else:
+        model.double()
+    state = ema.state_dict()
+    for k, v in written.items():
+        held = state.get("master", {}).get(k, state["ema_model"][k])
+        assert torch.equal(held.double(), v.double()), k
