@@ -317,14 +317,14 @@ class Plan:
             return
         with torch.no_grad():
             for k, before, after, layouts in zip(self.master_kernels, self._versions, now, self._layouts, strict=True):
-                k.revalidate(
-                    [
-                        i
-                        for i, (a, b, t, layout) in enumerate(zip(before, after, k.ema.views, layouts, strict=True))
-                        if a != b and (t.dtype, t.shape) == layout
-                    ]
-                )
-        self.record_versions()
+                written = [
+                    i
+                    for i, (a, b, t, layout) in enumerate(zip(before, after, k.ema.views, layouts, strict=True))
+                    if a != b and (t.dtype, t.shape) == layout
+                ]
+                k.revalidate(written)
+                for i in written:  # (the others keep what was recorded: the new plan tells what became of them)
+                    before[i] = after[i]
 
     def record_versions(self) -> None:
         self._versions = self.master_versions()

@@ -383,7 +383,11 @@ def test_an_ema_model_converted_narrower_shows_its_master_rounded_once() -> None
     assert torch.equal(ema.ema_model[0].weight, before)
 
 
-@pytest.mark.parametrize("kwargs", [dict(master="split"), dict()], ids=["split", "float32_master"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(master="split"), dict(master="split", flat=True), dict()],
+    ids=["split", "split_flat", "float32_master"],
+)
 @pytest.mark.parametrize("change", ["assign", "convert"])
 def test_a_write_into_the_ema_model_counts_when_the_model_changes_before_the_next_call(
     kwargs: dict, change: str
