@@ -36,7 +36,9 @@ _STAGES = ("validate", "test", "predict")
 
 class _StepCounter:
     """Counts training steps: batches in which an optimizer stepped (``trainer.global_step`` advanced; with
-    several optimizers stepping in one batch, manual optimization, it advances by each but counts once)."""
+    several optimizers stepping in one batch, manual optimization, it advances by each but counts once), and
+    calls the callback's ``_after_step`` at each batch's end, and when training starts for a step that the file
+    resumed from had not counted."""
 
     _seen_steps = 0  # training steps seen
     _last_global_step = 0
@@ -61,6 +63,19 @@ class _StepCounter:
             return True
         self._last_global_step = trainer.global_step
         return False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._sync_global_step(trainer):
+            self._after_step(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._after_step(trainer)
+
+    def _after_step(self, trainer: Trainer) -> None:
+        """What the callback does after an optimizer step (``self._stepped(trainer)`` tells)."""
+        raise NotImplementedError
 
     def _counter_state(self) -> dict[str, int]:
         return {"seen_steps": self._seen_steps, "last_global_step": self._last_global_step}
@@ -372,18 +387,11 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             self._restore()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        behind = self._sync_global_step(trainer)
         # the epoch, too: a new Trainer's second fit counts its epochs from 0 again (a resume from where it stopped)
         self._last_update_epoch = trainer.current_epoch - 1
-        if behind:
-            self._after_step(trainer)
+        super().on_train_start(trainer, pl_module)
 
     # -- updating ----------------------------------------------------------------------------------------------
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._after_step(trainer)
-
     def _after_step(self, trainer: Trainer) -> None:
         if self.ema is None or not self._stepped(trainer):
             return
@@ -702,15 +710,6 @@ class PostHocEMACallback(_StepCounter, Callback):
             if self.posthoc.num_updates == 0:
                 self._forget()  # a new run that never started: the next fit builds it again, from self.directory
             raise ValueError(refusal)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._sync_global_step(trainer):
-            self._after_step(trainer)
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._after_step(trainer)
 
     def _after_step(self, trainer: Trainer) -> None:
         if self.posthoc is not None and self._stepped(trainer):
