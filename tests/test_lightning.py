@@ -493,3 +493,20 @@ def test_example_trains_and_the_ema_beats_the_online_model() -> None:
     model = example.main(["--epochs", "2"])
     assert len(model.ema_accuracy) == len(model.online_accuracy) == 2
     assert model.ema_accuracy[-1] > 0.9 and model.ema_accuracy[-1] > model.online_accuracy[-1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(handle_buffers="bogus"), ValueError, "handle_buffers must be one of"),
+        (dict(dtype=torch.int8), TypeError, "dtype must be a floating"),
+        (dict(compile=True), ValueError, "compile=True needs flat=True"),
+        (dict(stochastic_rounding=True), ValueError, "stochastic_rounding needs a bfloat16 average"),
+        (dict(include=3), TypeError, "include must be"),
+        (dict(device="nope"), ValueError, "device must name a torch device"),
+    ],
+)
+def test_bad_options_are_refused_when_the_callback_is_made(kwargs: dict, error: type, match: str) -> None:
+    """As polyak.EMA refuses them, at construction, not when fit starts (they were accepted until then)."""
+    with pytest.raises(error, match=match):
+        EMACallback(**kwargs)

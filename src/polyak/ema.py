@@ -693,6 +693,26 @@ class _Handles:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+_SELECTION = ("include", "exclude", "predicate", "trainable_only")
+
+
+def _check_options(**options: Any) -> None:
+    """The keyword options of :class:`EMA` checked as it checks them, before there is a model (the adapters'
+    constructors: their EMA is built when training starts): on a probe of one layer; ``device`` and the
+    selection without allocating or reading a model."""
+    selection = {k: options.pop(k) for k in _SELECTION if k in options}
+    device = options.pop("device", None)
+    EMA(nn.Linear(1, 1), **options)
+    if device is not None:
+        _check_device(device)
+    parameter_selector(
+        selection.get("include"),
+        selection.get("exclude"),
+        selection.get("predicate"),
+        selection.get("trainable_only", False),
+    )
+
+
 def _check_device(device: object) -> torch.device:
     try:
         device = torch.device(device)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info  # noqa: E402
 from torch import nn  # noqa: E402
 
 from polyak._warn import warn  # noqa: E402
-from polyak.ema import EMA, HANDLE_BUFFERS  # noqa: E402
+from polyak.ema import EMA, _check_options  # noqa: E402
 from polyak.posthoc import PostHocEMA  # noqa: E402
 from polyak.schedules import Schedule, _callback_schedule, _check_int  # noqa: E402
 
@@ -267,10 +267,6 @@ class EMACallback(_StepCounter, _Swapping, Callback):
         )
         if weights_at_end not in ("ema", "online"):
             raise ValueError(f"weights_at_end must be 'ema' or 'online', got {weights_at_end!r}")
-        if handle_buffers not in HANDLE_BUFFERS:
-            raise ValueError(
-                f"handle_buffers must be one of {', '.join(map(repr, HANDLE_BUFFERS))}, got {handle_buffers!r}"
-            )
         if isinstance(ema_model, nn.Module) or (ema_model is not None and not callable(ema_model)):
             raise TypeError(
                 "ema_model must be a callable pl_module -> module that builds the EMA module (e.g. "
@@ -295,6 +291,7 @@ class EMACallback(_StepCounter, _Swapping, Callback):
             predicate=predicate,
             trainable_only=trainable_only,
         )
+        _check_options(**self._options)  # now, not when fit starts
         self.ema: EMA | None = None
         self._last_update_step = 0
         self._last_update_epoch = -1

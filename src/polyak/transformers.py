@@ -28,8 +28,7 @@ from torch import Tensor, nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from polyak._tracking import parameter_selector  # noqa: E402
-from polyak.ema import EMA, _check_device  # noqa: E402
+from polyak.ema import EMA, _check_options  # noqa: E402
 from polyak.schedules import Schedule, _callback_schedule  # noqa: E402
 
 __all__ = ["EMACallback"]
@@ -157,7 +156,7 @@ class EMACallback(TrainerCallback):
             predicate=predicate,
             trainable_only=trainable_only,
         )
-        _check_options(self._options)
+        _check_options(**self._options)
         self.ema: EMA | None = None
         self._pending: Path | None = None  # load() before the EMA is built: the folder on_train_begin takes
         self._run: _Run | None = None  # the last train()'s
@@ -404,16 +403,6 @@ class _Run:
         swap, self._swap = self._swap, None
         if swap is not None:
             swap.__exit__(None, None, None)
-
-
-def _check_options(options: Mapping[str, Any]) -> None:
-    """The options of the EMA to come, checked now as :class:`polyak.EMA` checks them (a ``ValueError`` or
-    ``TypeError`` naming the argument), not when ``train()`` starts: on a probe model of one layer."""
-    probe = {k: options[k] for k in ("dtype", "handle_buffers", "skip_nonfinite", "flat")}
-    EMA(nn.Linear(1, 1), **probe)
-    if options["device"] is not None:
-        _check_device(options["device"])
-    parameter_selector(options["include"], options["exclude"], options["predicate"], options["trainable_only"])
 
 
 def _calling_trainer() -> tuple[Any, str | os.PathLike[str] | None] | None:
