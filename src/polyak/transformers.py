@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -412,14 +412,23 @@ def _calling_trainer() -> tuple[Any, str | os.PathLike[str] | None] | None:
     The Trainer passes that folder to no callback, and keeps it in neither ``args`` nor ``state``: it is the
     ``resume_from_checkpoint`` argument of ``Trainer._inner_training_loop``, where ``train()`` has already
     resolved ``True`` into the last checkpoint's folder."""
+    for name, trainer, local in _trainer_frames():
+        if name == "_inner_training_loop":
+            return trainer, local.get("resume_from_checkpoint")
+    return None
+
+
+def _trainer_frames() -> Iterator[tuple[str, Any, Mapping[str, Any]]]:
+    """The frames of ``Trainer`` methods that led to this call, innermost first: each method's name, the
+    Trainer, the frame's locals. What the Trainer tells no callback is read there."""
     from transformers import Trainer
 
-    frame = sys._getframe(1)
+    frame = sys._getframe(2)  # past this generator's caller
     while frame is not None:
-        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
-            return frame.f_locals["self"], frame.f_locals.get("resume_from_checkpoint")
+        trainer = frame.f_locals.get("self")
+        if isinstance(trainer, Trainer):
+            yield frame.f_code.co_name, trainer, frame.f_locals
         frame = frame.f_back
-    return None
 
 
 def _more_datasets_to_evaluate() -> bool:
@@ -431,34 +440,22 @@ def _more_datasets_to_evaluate() -> bool:
     Read from the frame of the ``evaluate`` that iterates the dict (its locals ``eval_dataset``, the dict, and
     ``eval_dataset_name``, the name it evaluates now); False when no such frame is found (one dataset, or a
     Trainer that evaluates otherwise): the online weights come back now, as for one dataset."""
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "evaluate" and isinstance(frame.f_locals.get("self"), Trainer):
-            local = frame.f_locals
-            datasets = local.get("eval_dataset")
-            if isinstance(datasets, dict) and "eval_dataset_name" in local and local["eval_dataset_name"] in datasets:
-                names = list(datasets)
-                return names.index(local["eval_dataset_name"]) < len(names) - 1
-        frame = frame.f_back  # a subclass's evaluate, calling the Trainer's: on to the one above
+    for name, _, local in _trainer_frames():  # (past a subclass's evaluate, calling the Trainer's)
+        datasets = local.get("eval_dataset")
+        if name == "evaluate" and isinstance(datasets, dict) and local.get("eval_dataset_name", ...) in datasets:
+            names = list(datasets)
+            return names.index(local["eval_dataset_name"]) < len(names) - 1
     return False
 
 
 def _run_dir(args: Any) -> Path:
     """The folder of this run's checkpoints: ``args.output_dir``, or, in a ``Trainer.hyperparameter_search``,
     the trial's folder in it (``run-<n>``, or the ``hp_name`` of the trial), where the Trainer writes them."""
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        trainer = frame.f_locals.get("self")
-        if isinstance(trainer, Trainer):
-            output_dir = getattr(trainer, "_get_output_dir", None)
-            if callable(output_dir):
-                return Path(output_dir(trial=getattr(trainer, "_trial", None)))
-            break
-        frame = frame.f_back
+    for _, trainer, _ in _trainer_frames():
+        output_dir = getattr(trainer, "_get_output_dir", None)
+        if callable(output_dir):
+            return Path(output_dir(trial=getattr(trainer, "_trial", None)))
+        break
     return Path(args.output_dir)
 
 
